@@ -1,0 +1,3 @@
+from synthpert.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""The `synthpert` command: thin typer wrappers that load the config and call one stage each.
+
+Every command takes `--config FILE` and repeated `--set key.path=value`; with `--json` the last
+line printed is one JSON object. Bad input exits 2 with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+
+from synthpert.config import Config, load_config
+from synthpert.errors import SynthPertError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in defaults).")
+SetOpt = typer.Option([], "--set", help="Dotted override, e.g. --set train.lora_r=16 (repeatable).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line.")
+
+
+def resolve(config: Optional[Path], overrides: list[str], **flags: Any) -> Config:
+    """The config file + --set overrides + explicit CLI flags (flags win; None means 'not given')."""
+    extra = [f"{key}={json.dumps(value, default=str)}" for key, value in flags.items() if value is not None]
+    return load_config(config, [*overrides, *extra])
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON object on its own last line (the machine-readable result of a command)."""
+    sys.stdout.flush()
+    print(json.dumps(obj, default=str, sort_keys=True), flush=True)
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt) -> None:
+    """Print the fully resolved config as YAML."""
+    cfg = resolve(config, set_)
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    """Entry point: user errors become one clear line on stderr and exit code 2."""
+    try:
+        app()
+    except SynthPertError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

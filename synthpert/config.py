@@ -1,0 +1,199 @@
+"""One typed config for every stage: YAML file + dotted `--set key=value` overrides.
+
+Secrets never live in the config: an endpoint names the *environment variable* that holds its
+key, so a dumped config (manifests, MLflow params) is always safe to publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from synthpert.errors import SynthPertError
+
+CELL_LINES = ("k562", "rpe1", "hepg2", "jurkat")
+LABELS = ("upregulated", "downregulated", "not differentially expressed")
+GRADES = ("excellent", "good", "average", "bad", "terrible")
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KnowledgeConfig(Section):
+    """Gene/GO context put into prompts (SUMMER-style), and retrieved labelled neighbours."""
+
+    enabled: bool = True
+    max_go_terms: int = 5
+    max_go_gene_count: int = 1000  # drop GO terms annotated to more genes than this (SUMMER)
+    neighbours: int = 3
+
+
+class DataConfig(Section):
+    data_dir: Path | None = None  # None: the vendored copy inside the package
+    cell_lines: list[str] = Field(default_factory=lambda: list(CELL_LINES))
+    split: str = "perturbqa"  # perturbqa | holdout:<cell_line>
+    fraction: float | None = None
+    limit: int | None = None
+    stratify: bool = True
+    seed: int = 0
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
+
+
+class EndpointConfig(Section):
+    """An OpenAI-compatible endpoint. base_url None means: our own embedded Serve endpoint."""
+
+    base_url: str | None = None
+    model: str = "base"
+    api_key_env: str | None = None  # the NAME of the env var holding the key, never the key
+    max_concurrency: int = 8
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = 0
+    price_in_per_mtok: float = 0.0  # USD per million prompt tokens
+    price_out_per_mtok: float = 0.0  # USD per million completion tokens
+
+    def api_key(self) -> str | None:
+        """The key, read from the environment at call time (never stored in the config)."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class GenerateConfig(Section):
+    teacher: EndpointConfig = Field(default_factory=EndpointConfig)
+    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(temperature=0.0, max_tokens=8))
+    keep: list[str] = Field(default_factory=lambda: ["excellent"])
+    require_answer_match: bool = True
+    use_guided_choice: bool | None = None  # None: use it when the endpoint is ours or vLLM
+    output_dir: Path = Path("runs/traces")
+
+
+class TrainConfig(Section):
+    base_model: str | None = None  # local path; None: the embedded SmolLM2-135M-Instruct
+    mode: Literal["cot", "raw"] = "cot"
+    zero_stage: Literal[2, 3] = 2
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: Literal["linear", "cosine"] = "cosine"
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 1024
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    mask_prompt: bool = True
+    packing: bool = False
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    validation_fraction: float = 0.1
+    checkpoint_every_steps: int | None = None
+    max_failures: int = 1
+    seed: int = 0
+    registered_model_name: str | None = "synthpert-student"
+    output_dir: Path = Path("runs/train")
+
+
+class ServeConfig(Section):
+    engine: Literal["transformers", "vllm"] = "transformers"
+    model: str | None = None  # local path; None: the embedded model
+    served_model_name: str = "base"
+    adapters: dict[str, str] = Field(default_factory=dict)  # name -> local dir or models:/NAME@ALIAS
+    max_adapters_per_replica: int = 4
+    host: str = "127.0.0.1"
+    port: int = 8000
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16
+    max_ongoing_requests: int = 64
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.05
+    max_model_len: int = 2048
+    api_key_env: str = "SYNTHPERT_API_KEY"
+
+
+class EvaluateConfig(Section):
+    bootstrap: int = 1000
+    seed: int = 0
+    limit: int | None = None  # test tuples per cell line for LLM evaluation (None: all)
+    output_dir: Path = Path("runs/eval")
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = "sqlite:///mlruns.db"
+    experiment: str = "synthpert"
+    enabled: bool = True
+
+
+class Config(Section):
+    run_dir: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def digest(self, *sections: str) -> str:
+        """Content hash of the whole config or of some sections: the key for skip-if-done."""
+        dumped = self.model_dump(mode="json")
+        payload = {s: dumped[s] for s in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str) -> None:
+    if "=" not in dotted:
+        raise SynthPertError(f"override {dotted!r} is not of the form key.path=value")
+    key, raw = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SynthPertError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or defaults when path is None), apply `a.b=c` overrides (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SynthPertError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SynthPertError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise SynthPertError(f"config file {path} must hold a mapping at the top level")
+    for dotted in overrides:
+        _set_dotted(tree, dotted)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SynthPertError(f"invalid config{where}:\n" + "\n".join(lines)) from exc
