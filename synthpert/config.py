@@ -34,7 +34,8 @@ class KnowledgeConfig(Section):
     enabled: bool = True
     max_go_terms: int = 5
     max_go_gene_count: int = 1000  # drop GO terms annotated to more genes than this (SUMMER)
-    neighbours: int = 3
+    neighbours: int = 3  # labelled training neighbours listed per kind (same P, same G); 0: none
+    cross_cell_line: bool = False  # also retrieve neighbours from the other cell lines' training rows
 
 
 class DataConfig(Section):
