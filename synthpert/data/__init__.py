@@ -7,10 +7,12 @@ from synthpert.data.perturbqa import (
     DIRECTIONS,
     apply_split,
     build_split,
+    describe,
     leakage_report,
     load_pairs,
     parse_split,
+    read_user_pairs,
     subsample,
 )
 
-__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "data_file", "jaccard", "leakage_report", "load_pairs", "parse_split", "subsample"]
+__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "describe", "data_file", "jaccard", "leakage_report", "load_pairs", "parse_split", "read_user_pairs", "subsample"]
