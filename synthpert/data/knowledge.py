@@ -149,13 +149,19 @@ class Knowledge:
         rows = train_pairs
         if "split" in rows.columns:
             rows = rows[rows["split"] == "train"]  # never test labels, whatever the caller passed
-        columns = {c: np.asarray(rows[c].astype(str).tolist(), dtype=object) for c in ("cell_line", "pert", "gene", "label")}
-        frame = pd.DataFrame(columns)
-        keys = [] if pooled else ["cell_line"]
+        coded = {}  # column -> (integer codes, distinct values as a list of str)
+        for c in ("cell_line", "pert", "gene", "label"):
+            codes, uniques = pd.factorize(rows[c])
+            coded[c] = (codes, [str(u) for u in uniques])
+        columns = {c: np.asarray(names, dtype=object)[codes] for c, (codes, names) in coded.items()}
 
         def group(column: str) -> dict[tuple, np.ndarray]:
-            groups = frame.groupby([*keys, column], sort=False).indices
-            return {k if isinstance(k, tuple) else (k,): v for k, v in groups.items()}
+            (cells, cell_names), (symbols, names) = coded["cell_line"], coded[column]
+            key = symbols.astype(np.int64) if pooled else cells.astype(np.int64) * len(names) + symbols
+            order = np.argsort(key, kind="stable")
+            unique, starts = np.unique(key[order], return_index=True)
+            label = (lambda k: (names[k],)) if pooled else (lambda k: (cell_names[k // len(names)], names[k % len(names)]))
+            return {label(k): chunk for k, chunk in zip(unique.tolist(), np.split(order, starts[1:]))}
 
         index = _TrainIndex(columns, group("pert"), group("gene"))
         self._train = (train_pairs, pooled, index)
