@@ -3,8 +3,8 @@
 `Knowledge.load()` reads the vendored gene / GO tables once and indexes them: official names
 (PerturbQA symbols resolved directly, then through PerturbQA's own symbol -> Ensembl mapping,
 then through gene aliases, MT- genes included), GO term sets per gene with the over-broad terms
-(annotated to more than `max_go_gene_count` genes) and "no data" root annotations dropped, and a
-sparse gene x term matrix for Jaccard similarities. `context()` renders a deterministic text block
+(annotated to more than `max_go_gene_count` genes) and "no data" root annotations dropped, and
+GO Jaccard similarity (per pair of genes, or as a matrix via sparse products). `context()` renders a deterministic text block
 for one (cell line, P, G) tuple from these and from labelled TRAINING pairs only.
 """
 
