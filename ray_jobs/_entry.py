@@ -19,11 +19,13 @@ ROOT = HERE.parent
 
 
 def run(*command: str) -> None:
+    """`synthpert COMMAND... ARGS`, ARGS being this script's own arguments."""
     sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and not address.startswith(("http://", "https://")):  # http: a job-API URL, not a cluster
         import ray
 
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=address)
         print(
             f"synthpert job: {' '.join(command)} on Ray cluster {ray.get_runtime_context().gcs_address}"
             f" (python {sys.executable})",
