@@ -45,10 +45,13 @@ def config_show(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt) ->
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def main() -> None:
-    """Entry point: user errors become one clear line on stderr and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one clear line on stderr and exit code 2.
+
+    `argv` (default: sys.argv[1:]) lets ray_jobs/ entry points reuse this exact parser.
+    """
     try:
-        app()
+        app(args=argv, prog_name="synthpert")
     except SynthPertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
