@@ -85,10 +85,13 @@ def data_stats(
         emit_json({"split": cfg.data.split, "data_dir": cfg.data.data_dir or "vendored", "rows": len(pairs), "per_cell_line": counts, "leakage": leakage})
 
 
-def main() -> None:
-    """Entry point: user errors become one clear line on stderr and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one clear line on stderr and exit code 2.
+
+    `argv` (default: sys.argv[1:]) lets ray_jobs/ entry points reuse this exact parser.
+    """
     try:
-        app()
+        app(args=argv, prog_name="synthpert")
     except SynthPertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
