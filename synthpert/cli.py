@@ -85,6 +85,61 @@ def data_stats(
         emit_json({"split": cfg.data.split, "data_dir": cfg.data.data_dir or "vendored", "rows": len(pairs), "per_cell_line": counts, "leakage": leakage})
 
 
+SplitOpt = typer.Option(None, "--split", help="perturbqa | holdout:<cell_line> (default: data.split).")
+OutDirOpt = typer.Option(None, "--output-dir", help="Report directory (default: evaluate.output_dir).")
+BootstrapOpt = typer.Option(None, "--bootstrap", help="Bootstrap replicates for the 95% CIs (default: evaluate.bootstrap; 0: none).")
+
+
+def _evaluate_config(config: Optional[Path], overrides: list[str], split: Optional[str], output_dir: Optional[Path], bootstrap: Optional[int]) -> Config:
+    return resolve(config, overrides, **{"data.split": split, "evaluate.output_dir": output_dir, "evaluate.bootstrap": bootstrap})
+
+
+def _print_result(result: dict, json_: bool) -> None:
+    """The metrics table (per cell line, overall, with CIs), then the JSON line when asked."""
+    from synthpert.evaluate import summary_table
+
+    typer.echo(summary_table(result))
+    if json_:
+        emit_json(result)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    predictions: Path = typer.Option(..., "--predictions", help="CSV or Parquet: cell_line, pert, gene + p_up, p_down, p_none and/or answer."),
+    split: Optional[str] = SplitOpt,
+    output_dir: Optional[Path] = OutDirOpt,
+    bootstrap: Optional[int] = BootstrapOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Score predictions on the split's test pairs: per-gene AUROC (DE, direction), accuracy, macro-F1, CIs, plots."""
+    from synthpert import evaluate as ev
+
+    cfg = _evaluate_config(config, set_, split, output_dir, bootstrap)
+    _print_result(ev.run_evaluation(ev.read_predictions(predictions), ev.load_truth(cfg.data), cfg.evaluate, cfg.evaluate.output_dir, predictions_files=[str(predictions)]), json_)
+
+
+@app.command("baseline")
+def baseline_cmd(
+    cell_line: str = typer.Option("all", "--cell-line", help="k562 | rpe1 | hepg2 | jurkat | all"),
+    method: str = typer.Option("retrieval", "--method", help="retrieval | kernel | transfer"),
+    split: Optional[str] = SplitOpt,
+    output_dir: Optional[Path] = OutDirOpt,
+    predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="Also write the predictions here (.parquet or .csv)."),
+    bootstrap: Optional[int] = BootstrapOpt,
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Run a non-LLM baseline on the split's test pairs and evaluate it like any model."""
+    from synthpert.baselines import baseline_report
+    from synthpert.data.perturbqa import check_cell_lines
+
+    cfg = _evaluate_config(config, set_, split, output_dir, bootstrap)
+    _print_result(baseline_report(cfg, method, None if cell_line == "all" else check_cell_lines([cell_line]), predictions_out), json_)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit code 2.
 

@@ -135,10 +135,16 @@ class ServeConfig(Section):
 
 
 class EvaluateConfig(Section):
-    bootstrap: int = 1000
+    bootstrap: int = 1000  # perturbation-bootstrap replicates for the 95 % CIs (0: none)
     seed: int = 0
     limit: int | None = None  # test tuples per cell line for LLM evaluation (None: all)
+    require_complete: bool = False  # missing test pairs: error (True) or score the covered ones
     output_dir: Path = Path("runs/eval")
+    # non-LLM baselines (synthpert.baselines)
+    go_max_genes: int | None = None  # GO terms annotated to more genes are ignored by the similarity (None: keep all)
+    retrieval_k: int = 5  # retrieval: the k most GO-similar training perturbations
+    kernel_taus: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # kernel bandwidths tried
+    cv_folds: int = 5  # perturbation-grouped folds inside the training set that pick the bandwidth
 
 
 class TrackingConfig(Section):

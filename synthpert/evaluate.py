@@ -3,7 +3,7 @@
 Predictions are one row per (cell_line, pert, gene) with class probabilities `p_up, p_down,
 p_none` and/or a hard `answer` (exactly one of the three labels, case and surrounding spaces
 ignored; empty/null = the model gave no parseable answer — run `prompts.parse_answer` on raw
-LLM text first). With probabilities only, the hard answer is their argmax; with an answer only,
+LLM text first). With probabilities only, the hard answer is their argmax (ties: not DE, then up); with an answer only,
 the probabilities are one-hot (uniform for an unparseable answer). With both, AUROCs use the
 probabilities and accuracy/F1 use the answer.
 
@@ -34,7 +34,9 @@ import scipy.sparse as sp
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 from tqdm.auto import tqdm
 
-from synthpert.config import CELL_LINES, LABELS
+from synthpert.artifacts import write_manifest
+from synthpert.config import CELL_LINES, LABELS, DataConfig, EvaluateConfig
+from synthpert.data import apply_split, load_pairs
 from synthpert.errors import SynthPertError
 
 KEYS = ("cell_line", "pert", "gene")
@@ -43,6 +45,7 @@ UNPARSEABLE = "unparseable"
 PRED_LABELS = (*LABELS, UNPARSEABLE)
 CI_METRICS = ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")
 _SHOW = 5  # offending rows named in an error message
+_FLOAT_SLACK = 1e-9  # 1 - 0.81 - 0.19 < 0 in floating point: tolerated, then clipped
 _CHUNK = 25  # bootstrap replicates computed at once (memory: _CHUNK x rows floats)
 
 
@@ -69,6 +72,19 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     return check_predictions(frame, source=str(path))
 
 
+def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write predictions as .parquet or .csv (by suffix), the formats `read_predictions` takes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    elif path.name.endswith((".csv", ".csv.gz")):
+        frame.to_csv(path, index=False)
+    else:
+        raise SynthPertError(f"predictions output {path} must end in .parquet, .csv or .csv.gz")
+    return path
+
+
 def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
     """Validated predictions: keys, finite probabilities in [0, 1] summing to 1, exact labels.
 
@@ -92,7 +108,7 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
         raise SynthPertError(f"{source}: duplicate predictions for the same pair: {_examples(out, dup)}")
     if given:
         probs = frame[list(PROBS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-        bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs > 1).any(axis=1)
+        bad = ~np.isfinite(probs).all(axis=1) | (probs < -_FLOAT_SLACK).any(axis=1) | (probs > 1 + _FLOAT_SLACK).any(axis=1)
         if bad.any():
             shown = out.assign(**{c: frame[c].to_numpy() for c in PROBS})
             raise SynthPertError(f"{source}: probabilities must be finite numbers in [0, 1]: {_examples(shown, bad, (*KEYS, *PROBS))}")
@@ -100,7 +116,7 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
         if off.any():
             shown = out.assign(**{c: probs[:, i] for i, c in enumerate(PROBS)})
             raise SynthPertError(f"{source}: p_up + p_down + p_none must be 1 (within 1e-3): {_examples(shown, off, (*KEYS, *PROBS))}")
-        out[list(PROBS)] = probs
+        out[list(PROBS)] = np.clip(probs, 0, 1)
     if "answer" in frame.columns:
         answer = frame["answer"].astype("string").str.strip().str.lower().reset_index(drop=True)
         answer = answer.mask(answer == "", pd.NA)
@@ -109,7 +125,8 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
             raise SynthPertError(f"{source}: answer must be one of {list(LABELS)} or empty: {_examples(out.assign(answer=answer), unknown, (*KEYS, 'answer'))}")
         out["answer"] = answer.fillna(UNPARSEABLE).astype(str)
     else:
-        out["answer"] = np.asarray(LABELS)[np.argmax(out[list(PROBS)].to_numpy(), axis=1)]
+        preference = [2, 0, 1]  # argmax ties go to "not DE", then up: a 50/50 vote is not a call
+        out["answer"] = np.asarray(LABELS)[preference][np.argmax(out[list(PROBS)].to_numpy()[:, preference], axis=1)]
     if not given:
         onehot = (out["answer"].to_numpy()[:, None] == np.asarray(LABELS)[None, :]).astype(float)
         onehot[out["answer"].to_numpy() == UNPARSEABLE] = 1 / 3
@@ -190,6 +207,13 @@ def grouped_auroc(group: np.ndarray, y: np.ndarray, score: np.ndarray, n_groups:
     out = np.full((n_groups, w.shape[1]), np.nan)
     out[g[group_start]] = auc
     return out
+
+
+def mean_auroc_per_gene(gene: np.ndarray, y: np.ndarray, score: np.ndarray) -> float:
+    """The official metric on one cell line's rows: per-gene AUROC averaged over genes."""
+    codes, uniques = pd.factorize(np.asarray(gene))
+    per_gene = grouped_auroc(codes, np.asarray(y).astype(int), np.asarray(score, dtype=float), len(uniques))
+    return float(np.nanmean(per_gene)) if np.isfinite(per_gene).any() else float("nan")
 
 
 class _Rows:
@@ -420,3 +444,18 @@ def write_report(result: dict, out_dir: str | Path) -> dict[str, Path]:
     fig.savefig(paths["auroc_hist"], dpi=100)
     plt.close(fig)
     return paths
+
+
+def load_truth(data_cfg: DataConfig) -> pd.DataFrame:
+    """All four cell lines under the configured split (a holdout trains on the other lines)."""
+    return apply_split(load_pairs(data_dir=data_cfg.data_dir), data_cfg.split)
+
+
+def run_evaluation(predictions: pd.DataFrame, truth: pd.DataFrame, cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True, **fields: Any) -> dict:
+    """`evaluate` checked predictions, add `fields` (provenance), write the report and a manifest."""
+    result = evaluate(predictions, truth, cfg.bootstrap, cfg.seed, cfg.require_complete, progress)
+    result.update(fields)
+    paths = write_report(result, out_dir)
+    result["outputs"] = {name: str(path) for name, path in paths.items()}
+    write_manifest(out_dir, "evaluate", {name: {"file": path.name} for name, path in paths.items()}, split=result["split"], coverage=result["coverage"], config=cfg.model_dump(mode="json"))
+    return result
