@@ -177,14 +177,18 @@ def to_predictions(query: pd.DataFrame, de: np.ndarray, up: np.ndarray) -> pd.Da
     return out.assign(p_up=de * up, p_down=de * (1 - up), p_none=1 - de)
 
 
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise SynthPertError(f"unknown baseline method {method!r}; choose one of {list(METHODS)}")
+
+
 def run_baseline(pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lines=None, knowledge: Knowledge | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Predictions of `method` for the test rows of `cell_lines` (None: every line with test rows).
 
     `pairs` carries its split (`apply_split`). Returns the predictions and, per cell line, what
     was used (pool size, k or the CV-chosen bandwidths with their CV scores).
     """
-    if method not in METHODS:
-        raise SynthPertError(f"unknown baseline method {method!r}; choose one of {list(METHODS)}")
+    _check_method(method)
     test, train = pairs[pairs["split"] == "test"], pairs[pairs["split"] == "train"]
     cells = [c for c in CELL_LINES if (test["cell_line"] == c).any() and (cell_lines is None or c in cell_lines)]
     if not cells:
@@ -218,6 +222,7 @@ def run_baseline(pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lin
 def baseline_report(cfg: Config, method: str, cell_lines=None, predictions_out: str | Path | None = None, progress: bool = True) -> dict:
     """Run a baseline on the configured split and evaluate it; the report (metrics.json, plots,
     predictions.parquet, manifest) goes to `<evaluate.output_dir>/baseline-<method>-<split>/`."""
+    _check_method(method)  # before the data load
     truth = load_truth(cfg.data)
     predictions, info = run_baseline(truth, method, cfg.evaluate, cell_lines, progress=progress)
     out_dir = Path(cfg.evaluate.output_dir) / f"baseline-{method}-{cfg.data.split.replace(':', '-')}"

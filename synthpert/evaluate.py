@@ -3,9 +3,10 @@
 Predictions are one row per (cell_line, pert, gene) with class probabilities `p_up, p_down,
 p_none` and/or a hard `answer` (exactly one of the three labels, case and surrounding spaces
 ignored; empty/null = the model gave no parseable answer — run `prompts.parse_answer` on raw
-LLM text first). With probabilities only, the hard answer is their argmax (ties: not DE, then up); with an answer only,
-the probabilities are one-hot (uniform for an unparseable answer). With both, AUROCs use the
-probabilities and accuracy/F1 use the answer.
+LLM text first). With probabilities only, the hard answer is their argmax (ties: not DE, then
+up); with an answer only, the probabilities are one-hot (uniform for an unparseable answer). With
+both, AUROCs use the probabilities and accuracy/F1 use the answer. Probabilities must be finite,
+in [0, 1] and sum to 1 (within 1e-3).
 
 Scores: DE = p_up + p_down; direction = p_up / (p_up + p_down), on DE-positive pairs only.
 Official metric (PerturbQA): AUROC per read-out gene over the test pairs of a cell line (genes
@@ -13,13 +14,17 @@ whose test labels are all one class skipped), averaged over genes; "overall" ave
 (cell line, gene) groups. SynthPert's metric, as its code computes it: one pooled AUROC from the
 hard answers (DE: up/down = 1, not DE = 0; direction: up = 1, down = 0; anything else 0.5).
 
+Accuracy, macro-F1 (over the three labels; a label absent from both truth and answers scores 0,
+sklearn's zero_division=0) and the trivial always-"not DE" accuracy are on the same rows.
+
 Coverage: only the test pairs that have a prediction are scored (LLM runs often score a seeded
 subset); every metric, the trivial baseline included, is on those same rows, and `coverage`
 says how many of the test pairs of the evaluated cell lines that is. `require_complete` turns
 missing pairs into an error. A prediction for a pair that is not a test pair is always an error.
 
-Confidence intervals: percentile bootstrap over perturbations (a (cell line, perturbation) is the
-unit, resampled within its cell line), seeded.
+Confidence intervals: bootstrap over perturbations (a (cell line, perturbation) is the unit,
+resampled within its cell line), seeded; percentile intervals re-centred on the point estimate
+(see `bootstrap_ci` for why), with the shift reported.
 """
 
 from __future__ import annotations
@@ -188,6 +193,9 @@ def grouped_auroc(group: np.ndarray, y: np.ndarray, score: np.ndarray, n_groups:
     multiplicities, one column per bootstrap replicate; None = one column of ones. Returns
     (n_groups, B), NaN where a group has no positive or no negative.
     """
+    n_weights = 1 if weights is None else np.shape(weights)[1]
+    if len(group) == 0:
+        return np.full((n_groups, n_weights), np.nan)
     order = np.lexsort((score, group))
     g, s, pos = group[order], score[order], y[order].astype(float)[:, None]
     w = np.ones((len(g), 1)) if weights is None else np.asarray(weights, dtype=float)[order]
@@ -204,7 +212,7 @@ def grouped_auroc(group: np.ndarray, y: np.ndarray, score: np.ndarray, n_groups:
     n_neg = n_all - n_pos
     with np.errstate(invalid="ignore", divide="ignore"):
         auc = np.where((n_pos > 0) & (n_neg > 0), (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
-    out = np.full((n_groups, w.shape[1]), np.nan)
+    out = np.full((n_groups, n_weights), np.nan)
     out[g[group_start]] = auc
     return out
 
@@ -259,6 +267,20 @@ def _mean_over_genes(per_gene: np.ndarray, gene_cell: np.ndarray, cell: int | No
         return np.where(valid.any(axis=0), np.nansum(rows, axis=0) / valid.sum(axis=0), np.nan)
 
 
+def _number(x: float) -> float | None:
+    """A float for JSON; None where the metric is undefined (e.g. no gene has both classes)."""
+    return float(x) if np.isfinite(x) else None
+
+
+def _interval(replicates: np.ndarray, point: float) -> dict:
+    """{ci: 2.5/97.5 % percentiles shifted by (point - replicate mean), shift}; None where undefined."""
+    finite = replicates[np.isfinite(replicates)]
+    if not len(finite) or not np.isfinite(point):
+        return {"ci": None, "shift": None}
+    shift = float(finite.mean() - point)
+    return {"ci": [float(v) - shift for v in np.percentile(finite, [2.5, 97.5])], "shift": shift}
+
+
 def _pooled_auroc(y: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else None
 
@@ -278,8 +300,8 @@ def _point_metrics(rows: _Rows, cell: int | None, per_gene: tuple[np.ndarray, np
     return {
         "n": int(m.sum()),
         "n_perturbations": int(len(np.unique(rows.unit[m]))),
-        "auroc_de": float(_mean_over_genes(de_auc, rows.gene_cell, cell)[0]),
-        "auroc_dir": float(_mean_over_genes(dir_auc, rows.gene_cell, cell)[0]),
+        "auroc_de": _number(_mean_over_genes(de_auc, rows.gene_cell, cell)[0]),
+        "auroc_dir": _number(_mean_over_genes(dir_auc, rows.gene_cell, cell)[0]),
         "n_genes_de": int((~np.isnan(de_auc[gene_cols, 0])).sum()),
         "n_genes_dir": int((~np.isnan(dir_auc[gene_cols, 0])).sum()),
         "accuracy": float(accuracy_score(true, pred)),
@@ -336,9 +358,17 @@ def weighted_metrics(rows: _Rows, weights: np.ndarray) -> dict[int | None, dict[
     return out
 
 
-def bootstrap_ci(rows: _Rows, n: int, seed: int, progress: bool = True) -> dict[str | None, dict[str, list[float]]]:
-    """95 % percentile intervals of CI_METRICS per scope from `n` perturbation-bootstrap replicates."""
+def bootstrap_ci(rows: _Rows, n: int, seed: int, progress: bool = True) -> dict[int | None, dict[str, dict]]:
+    """95 % intervals of CI_METRICS per scope from `n` perturbation-bootstrap replicates.
+
+    Per metric: `ci`, the percentile interval re-centred on the point estimate, and `shift`, how
+    far the replicates' mean sat from it. A resample holds ~63 % distinct perturbations, so genes
+    with a single DE-positive test pair drop out of the per-gene mean more often than the rest;
+    their AUROC is lower, so raw replicates sit ~0.01 high and a raw percentile interval can miss
+    the point estimate. Accuracy-type metrics have no such shift (`shift` ~ 0).
+    """
     rng = np.random.default_rng(seed)
+    point = weighted_metrics(rows, np.ones((len(rows.cell), 1)))
     parts: dict = {}
     with tqdm(total=n, desc="bootstrap", unit="rep", disable=not progress, leave=False) as bar:
         for start in range(0, n, _CHUNK):
@@ -348,7 +378,7 @@ def bootstrap_ci(rows: _Rows, n: int, seed: int, progress: bool = True) -> dict[
                     parts.setdefault(scope, {}).setdefault(name, []).append(values)
             bar.update(b)
     return {
-        scope: {name: [float(v) for v in np.nanpercentile(np.concatenate(chunks), [2.5, 97.5])] for name, chunks in metrics.items()}
+        scope: {name: _interval(np.concatenate(chunks), point[scope][name][0]) for name, chunks in metrics.items()}
         for scope, metrics in parts.items()
     }
 
@@ -369,10 +399,10 @@ def evaluate(predictions: pd.DataFrame, truth: pd.DataFrame, bootstrap: int = 10
     result.update(split=truth.attrs.get("split", "perturbqa"), test_pairs=test_pairs, coverage=round(len(scored) / test_pairs, 6), bootstrap=bootstrap, seed=seed)
     result["per_cell_line"] = {cell: {**_point_metrics(rows, i, per_gene), **coverage[cell]} for i, cell in enumerate(rows.cells)}
     if bootstrap > 0:
-        ci = bootstrap_ci(rows, bootstrap, seed, progress)
-        result["ci"] = ci[None]
-        for i, cell in enumerate(rows.cells):
-            result["per_cell_line"][cell]["ci"] = ci[i]
+        intervals = bootstrap_ci(rows, bootstrap, seed, progress)
+        for scope, target in [(None, result), *((i, result["per_cell_line"][cell]) for i, cell in enumerate(rows.cells))]:
+            target["ci"] = {name: v["ci"] for name, v in intervals[scope].items()}
+            target["bootstrap_shift"] = {name: v["shift"] for name, v in intervals[scope].items()}
     result["_per_gene"] = {
         "auroc_de": per_gene[0][:, 0],
         "auroc_dir": per_gene[1][:, 0],
@@ -386,7 +416,7 @@ def summary_table(result: dict) -> str:
 
     def ci(metrics, name):
         lo_hi = metrics.get("ci", {}).get(name)
-        return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""
+        return f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else ""  # None: undefined in every replicate
 
     def fmt(x):
         return "   -  " if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
@@ -397,6 +427,9 @@ def summary_table(result: dict) -> str:
     for name, m in scopes:
         cells = [f"{fmt(m[k])}{ci(m, k)}" for k in ("auroc_de", "auroc_dir", "accuracy", "trivial_accuracy", "macro_f1")]
         lines.append(f"{name:<10} {m['n']:>7} {m['coverage']:>6.1%}  " + " ".join(f"{c:<24}" for c in cells))
+    if result["n"] < result["test_pairs"]:
+        lines.append(f"note: {result['test_pairs'] - result['n']} test pairs of these cell lines have no prediction; every number above "
+                     "(the trivial baseline too) is on the scored pairs only (evaluate.require_complete=true makes this an error)")
     return "\n".join(lines)
 
 

@@ -172,8 +172,11 @@ def test_bootstrap_replicates_use_the_same_metrics_as_the_point_estimates(truth)
     assert ci == bootstrap_ci(rows, 60, seed=3, progress=False)  # seeded
     for scope in (None, 0, 1):
         point = _point_metrics(rows, scope, per_gene)
-        for name, (lo, hi) in ci[scope].items():
-            assert lo < hi and lo - 0.02 <= point[name] <= hi + 0.02, (scope, name, lo, point[name], hi)
+        for name, interval in ci[scope].items():
+            (lo, hi), shift = interval["ci"], interval["shift"]
+            assert lo < point[name] < hi and hi - lo < 0.2, (scope, name, lo, point[name], hi)
+            if name in ("accuracy", "trivial_accuracy", "macro_f1"):
+                assert abs(shift) < 0.005  # resampling shifts only the per-gene AUROC mean
 
 
 def point_of(rows, mask):
