@@ -166,7 +166,8 @@ class LLMClient:
             retries=max(0, counter[0] - 1),
         )
         if self.cache is not None:
-            record = {f: getattr(result, f) for f in _RECORDED} | {"request": {"messages": messages, "extra_body": extra_body}}
+            request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
+            record = {f: getattr(result, f) for f in _RECORDED} | {"request": request}
             self.cache.put(key, self.endpoint.model, record)
         return result
 
