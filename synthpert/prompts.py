@@ -140,8 +140,13 @@ def format_answer(label: str) -> str:
 
 # ---------------------------------------------------------------- parsing what models write
 _NEG = r"(?:not|no|never|without)"
-_UP = r"up[\s-]?regulat\w*|up|increas\w*|higher|elevat\w*|over[\s-]?express\w*|raised|rises?|rising"
-_DOWN = r"down[\s-]?regulat\w*|down|decreas\w*|lower\w*|reduc\w*|repress\w*|suppress\w*|diminish\w*|drops?|declin\w*"
+# Strong words name a direction anywhere; weak ones (also common in reasoning: "reduces
+# ribosome biogenesis") count only inside <answer> tags or in a reply of a few words.
+_UP_STRONG, _UP_WEAK = r"up[\s-]?regulat\w*|up|increas\w*|over[\s-]?express\w*", r"higher|elevat\w*|raised|rises?|rising"
+_DOWN_STRONG = r"down[\s-]?regulat\w*|down|decreas\w*"
+_DOWN_WEAK = r"lower\w*|reduc\w*|repress\w*|suppress\w*|diminish\w*|drops?|declin\w*"
+_UP, _DOWN = f"{_UP_STRONG}|{_UP_WEAK}", f"{_DOWN_STRONG}|{_DOWN_WEAK}"
+_TERSE = 6  # words: a reply this short is an answer, weak synonyms included
 _NONE = [
     rf"{_NEG}\s+(?:be\s+|being\s+)?(?:significantly\s+|differentially\s+)?(?:differentially[\s-]expressed|de|deg)\b",
     r"non[\s-]?(?:differentially[\s-]expressed|de|deg)\b",
@@ -151,12 +156,16 @@ _NONE = [
     rf"{_NEG}\s+(?:significant\s+|significantly\s+|notable\s+|meaningful\s+)?(?:chang|differen|effect|affect|alter|impact|differential\s+expression)\w*",
     r"unchanged|unaffected|unaltered|same|stable|constant|neutral|none|nde|no[\s-]?change|remains?\s+(?:the\s+same|similar)",
 ]
-_CLASSES = (("upregulated", re.compile(rf"\b(?:{_UP})\b")), ("downregulated", re.compile(rf"\b(?:{_DOWN})\b")))
+_CLASSES = {
+    weak: (("upregulated", re.compile(rf"\b(?:{up})\b")), ("downregulated", re.compile(rf"\b(?:{down})\b")))
+    for weak, up, down in ((True, _UP, _DOWN), (False, _UP_STRONG, _DOWN_STRONG))
+}
 _NONE_RE = re.compile(r"\b(?:" + "|".join(f"(?:{p})" for p in _NONE) + r")")
 _NEGATED_RE = re.compile(rf"\b{_NEG}\s+(?:significantly\s+)?(?:{_UP}|{_DOWN})\b")
 _TAG = re.compile(r"<\s*answer\s*>(.*?)(?:<\s*/\s*answer\s*>|$)", re.S | re.I)
 _THINK = re.compile(r"<\s*think\s*>(.*?)(?:<\s*/\s*think\s*>|(?=<\s*answer\s*>)|$)", re.S | re.I)
 _THINK_CLOSE = re.compile(r"<\s*/\s*think\s*>", re.I)
+_SHORT = 30  # words: longer untagged text is reasoning, not an answer
 _FINAL = re.compile(r"(?:final\s+answer|answer|prediction|conclusion|verdict)\s*(?:is|:|=|-)", re.I)
 
 
@@ -168,21 +177,25 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _classify(text: str) -> str | None:
+def _classify(text: str, weak: bool = True) -> str | None:
     """The one label a short answer text names; None if it names none or more than one."""
     text = _normalise(text)
+    weak = weak or len(text.split()) <= _TERSE
     found = {LABELS[2]} if _NONE_RE.search(text) else set()
     rest = _NEGATED_RE.sub(" ", _NONE_RE.sub(" ", text))
-    found |= {label for label, pattern in _CLASSES if pattern.search(rest)}
+    found |= {label for label, pattern in _CLASSES[weak] if pattern.search(rest)}
     return found.pop() if len(found) == 1 else None
 
 
 def parse_answer(text: str | None) -> str | None:
     """The label a model's output commits to, or None when it commits to none or to several.
 
-    Looks in the last <answer> tag when there is one; otherwise after a final 'answer:' marker,
-    then in the last line, then in the whole text with <think> sections removed. Tolerates case,
-    markdown, punctuation and synonyms (increased/up/upregulation, decreased/down, no change/not DE).
+    Looks in the last <answer> tag when there is one. Without tags (and with <think> sections
+    removed), it tries, in order, the text after a final 'answer:' marker, the last line, the first
+    line and the whole text, each only when short (<= 30 words), and there only the unambiguous
+    words count: an untagged ramble that says "suppression of differentiation" is reasoning, not
+    an answer. Tolerates case, markdown, punctuation and synonyms (increased/up/upregulation,
+    decreased/down, no change/not DE; reduced/elevated/... inside tags or terse replies).
     """
     if not text:
         return None
@@ -193,12 +206,15 @@ def parse_answer(text: str | None) -> str | None:
     if _THINK_CLOSE.search(body):  # an unopened </think>: everything before it was reasoning
         body = _THINK_CLOSE.split(body)[-1]
     finals = list(_FINAL.finditer(body))
-    if finals:
-        final = _classify(body[finals[-1].end() :].strip().split("\n\n")[0])
-        if final:
-            return final
     lines = [line for line in body.splitlines() if _normalise(line)]
-    return (_classify(lines[-1]) or _classify(body)) if lines else None
+    candidates = [body[finals[-1].end() :].strip().split("\n\n")[0]] if finals else []
+    candidates += [lines[-1], lines[0], body] if lines else []
+    for candidate in candidates:
+        if len(_normalise(candidate).split()) <= _SHORT:
+            label = _classify(candidate, weak=False)
+            if label:
+                return label
+    return None
 
 
 def parse_trace(text: str | None) -> tuple[str | None, str | None]:

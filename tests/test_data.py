@@ -1,15 +1,18 @@
 import gzip
 import hashlib
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from synthpert.config import CELL_LINES, DataConfig
-from synthpert.data import apply_split, build_split, leakage_report, load_pairs, subsample
+from synthpert.data import apply_split, build_split, leakage_report, load_pairs, read_user_pairs, subsample
 from synthpert.data.files import VENDOR_DIR
 from synthpert.errors import SynthPertError
+from tests.conftest import run_cli
 
 # /work/shared/data/README.md: (DE train, DE test, dir train, dir test, share up in dir train, in dir test)
 README_COUNTS = {
@@ -170,7 +173,62 @@ def test_build_split_applies_the_config():
 
 def test_vendored_checksums_cover_every_vendored_file():
     listed = dict(line.split()[::-1] for line in (VENDOR_DIR / "SHA256SUMS").read_text().splitlines())
-    files = sorted(p.relative_to(VENDOR_DIR).as_posix() for p in VENDOR_DIR.rglob("*.gz"))
+    files = sorted(p.relative_to(VENDOR_DIR).as_posix() for p in VENDOR_DIR.glob("*/*"))
     assert sorted(listed) == files
     for name in files:
         assert hashlib.sha256((VENDOR_DIR / name).read_bytes()).hexdigest() == listed[name]
+
+
+def test_cli_data_stats_json_and_tables():
+    proc = run_cli("data", "stats", "--json", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for cell, (de_train, de_test, dir_train, dir_test, _, _) in README_COUNTS.items():
+        got = result["per_cell_line"][cell]
+        assert (got["train"]["pairs"], got["test"]["pairs"]) == (de_train, de_test)
+        assert got["train"]["upregulated"] + got["train"]["downregulated"] == dir_train
+        assert got["test"]["upregulated"] + got["test"]["downregulated"] == dir_test
+    assert result["leakage"]["per_cell_line"]["k562"]["test_perturbations_in_train"] == 254
+    assert "134,467" in proc.stdout and "Leakage" in proc.stdout  # the rich tables, untruncated
+
+
+def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
+    proc = run_cli("data", "stats", "--split", "holdout:rpe1", "--set", "data.cell_lines=[k562,rpe1]", "--set", "data.limit=300",
+                   "--data-dir", "/work/shared/data" if Path("/work/shared/data").is_dir() else str(VENDOR_DIR), "--json", check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 300 and result["split"] == "holdout:rpe1"
+    assert set(result["per_cell_line"]["rpe1"]) == {"test"} and set(result["per_cell_line"]["k562"]) == {"train"}
+    bad = run_cli("data", "stats", "--split", "random")
+    assert bad.returncode == 2 and "unknown split 'random'" in bad.stderr
+    missing = run_cli("data", "stats", "--data-dir", str(tmp_path))
+    assert missing.returncode == 2 and "data file not found" in missing.stderr and "k562-de.csv.gz" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("cell_line,pert,gene,label\nk562,AAMP,ADGRE5,upregulated\nrpe1,RPL7,MYC,not differentially expressed\n", None),
+        ("cell_line,pert\nk562,AAMP\n", r"lacks column\(s\) \['gene', 'label'\]"),
+        ("cell_line,pert,gene,label\nk562,AAMP,ADGRE5,up\n", r"line 2: label 'up' is not one of"),
+        ("cell_line,pert,gene,label\nk562,AAMP,ADGRE5,upregulated\nK562,AAMP,ADGRE5,upregulated\n", r"line 3: cell_line 'K562' is not one of"),
+        ("cell_line,pert,gene,label\nk562,AAMP,NOTAGENE,upregulated\n", r"line 2: gene 'NOTAGENE' is not in PerturbQA for that cell line"),
+    ],
+)
+def test_read_user_pairs_names_row_and_value(tmp_path, pairs, text, message):
+    path = tmp_path / "mine.csv"
+    path.write_text(text)
+    if message is None:
+        got = read_user_pairs(path, pairs, label=True)
+        assert got.cell_line.tolist() == ["k562", "rpe1"] and got.label.iloc[1] == "not differentially expressed"
+        got.to_parquet(tmp_path / "mine.parquet")
+        assert read_user_pairs(tmp_path / "mine.parquet", pairs).equals(got)
+    else:
+        with pytest.raises(SynthPertError, match=message):
+            read_user_pairs(path, pairs, label=True)
+
+
+def test_read_user_pairs_file_errors(tmp_path):
+    with pytest.raises(SynthPertError, match="file not found"):
+        read_user_pairs(tmp_path / "absent.csv")
+    (tmp_path / "x.xlsx").write_text("")
+    with pytest.raises(SynthPertError, match="unsupported file type"):
+        read_user_pairs(tmp_path / "x.xlsx")

@@ -18,14 +18,62 @@ from synthpert.prompts import (
 UP, DOWN, NONE = LABELS
 ROW = {"cell_line": "rpe1", "pert": "RPL7", "gene": "MYC", "label": DOWN}
 
-# What small chat models write (tags, markdown, synonyms, unclosed tags, hedges).
-ANSWERS = [
+# Emitted by the bundled SmolLM2-135M-Instruct on our student prompts (sampled, T=0.7): it mostly
+# restates the options or rambles. None of these commits to one answer except the ALB one.
+SMOLLM2_ANSWERS = [
+    ("The expression of the gene MYC upregulated, downregulated, or not differentially expressed, respectively.", None),
+    ("The expression of the gene HspA1A is not upregulated, downregulated, or not differentially expressed.", None),
+    (
+        "The expression of the gene ALB is not differentially expressed in hepatocytes, which suggests that the "
+        "knockdown of the ALB gene is not a",
+        NONE,
+    ),
+    (
+        "In K562 (chronic myelogenous leukemia), the gene RPL7 is knocked down with CRISPRi, and the result is a knockdown "
+        "of the RPL7 gene, which allows the expression of the MYC gene to be expressed. The expression of MYC is "
+        "upregulated, downregulated, or not differentially expressed, as one specific protein is not regulated, but the "
+        "activity of MYC is regulated by a single protein, which is the protein encoded by the RPL7 gene.\n\nThis is a "
+        "common pattern where the expression of a gene is regulated by a single protein, which is a gene that is regulated "
+        "by a single protein, and this gene is a common example of a regulator gene that is regulated by a single",
+        None,
+    ),
+    (
+        "To determine whether the expression of the gene HSPA1A upregulated, downregulated, or not differentially expressed "
+        "is to perform a comparative genomic analysis (CAG) analysis. This method involves comparing the expression levels "
+        "of genes within a cell line, specifically the cells engineered to carry the gene for HPSSA1A.\n\nBy comparing the "
+        "expression levels of HPSSA1A along the cag-12 pathway, a gene that is overexpressed in HPSSA1A cells, you will be "
+        "able to identify whether the gene encodes for the gene of interest or not.\n\nThe results of this analysis can "
+        "provide information about the expression levels of the gene in a cell line, which is often a valuable resource "
+        "for understanding the",
+        None,
+    ),
+    (
+        "To answer the question, let's step through the steps of biology in the context of gene function, gene regulation, "
+        "and cellular biology. First, we need to understand that epigenetic regulation plays a crucial role in gene "
+        "regulation.\n\nThe gene SUPT5H is a gene that encodes a protein that plays a role in the suppression of cellular "
+        "differentiation. SU",
+        None,  # "suppression" is part of the ramble, not an answer
+    ),
+]
+SMOLLM2_GRADES = [
+    ("It's an excellent response.", "excellent"),
+    ("I'm sorry for any confusion, but the answer to this question is a bit complex - it really depends on the context of the topic. However,", None),
+    ("This is an excellent example of a biocomputing review, so I'll keep the previous rubric:\n\ndef good\n\nThis is an", None),
+]
+
+# What small chat models write besides (tags, markdown, synonyms, unclosed tags, hedges).
+ANSWERS = SMOLLM2_ANSWERS + [
     ("<think>RPL7 is a ribosomal protein ...</think><answer>upregulated</answer>", UP),
     ("<think>blah</think>\n<answer> Downregulated. </answer>", DOWN),
     ("<answer>**Not differentially expressed**</answer>", NONE),
     ("<answer>NOT DIFFERENTIALLY EXPRESSED</answer>", NONE),
     ("<answer>not differentially expressed", NONE),  # unclosed tag
     ("<answer>decrease</answer>", DOWN),
+    ("<answer>Reduced expression</answer>", DOWN),
+    ("<answer>elevated</answer>", UP),
+    ("Lower expression.", DOWN),  # terse reply: weak synonyms count
+    ("Knockdown of RPL7 reduces ribosome biogenesis, so MYC is upregulated.", UP),
+    ("Loss of RPL7 reduces translation and lowers growth signalling in the cell overall.", None),
     ("<answer>↑</answer>", UP),
     ("<answer>upregulated</answer> wait, <answer>downregulated</answer>", DOWN),  # the last tag counts
     ("<answer>upregulated or downregulated</answer>", None),
@@ -90,7 +138,8 @@ def test_parse_trace(text, reasoning, label):
 
 @pytest.mark.parametrize(
     "text, grade",
-    [
+    SMOLLM2_GRADES
+    + [
         ("excellent", "excellent"),
         ("Excellent.", "excellent"),
         ("**Good**", "good"),

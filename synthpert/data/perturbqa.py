@@ -228,3 +228,63 @@ def leakage_report(pairs: pd.DataFrame) -> dict:
         **total,
         "per_cell_line": per_cell,
     }
+
+
+def describe(pairs: pd.DataFrame) -> dict:
+    """Counts per cell line and split: pairs, each label, DE rate and the up share of DE pairs."""
+    counts = pairs.groupby(["cell_line", "split", "label"], observed=True).size()
+    out: dict = {}
+    for (cell, split), block in counts.groupby(level=[0, 1], observed=True):
+        by_label = {label: int(block.get((cell, split, label), 0)) for label in LABELS}
+        n, de = sum(by_label.values()), by_label[LABELS[0]] + by_label[LABELS[1]]
+        out.setdefault(cell, {})[split] = {
+            "pairs": n,
+            **by_label,
+            "perturbations": int(pairs.loc[(pairs["cell_line"] == cell) & (pairs["split"] == split), "pert"].nunique()),
+            "de_rate": round(de / n, 4) if n else None,
+            "up_share_of_de": round(by_label[LABELS[0]] / de, 4) if de else None,
+        }
+    return out
+
+
+def read_user_pairs(path: str | Path, pairs: pd.DataFrame | None = None, label: bool = False) -> pd.DataFrame:
+    """A user's table of (cell_line, pert, gene[, label]) tuples from CSV/TSV/Parquet, checked.
+
+    Errors name the file, the row (CSV line number) and the bad value: missing file or columns,
+    an unknown cell line, a label that is not one of the three, and, with `pairs`, a perturbation
+    or read-out gene that PerturbQA does not have for that cell line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SynthPertError(f"file not found: {path}")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    try:
+        if suffixes.endswith(".parquet"):
+            frame, first_row, where = pd.read_parquet(path), 0, "row"
+        elif any(suffixes.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",", dtype=str, keep_default_na=False)
+            first_row, where = 2, "line"
+        else:
+            raise SynthPertError(f"{path}: unsupported file type (use .csv, .tsv or .parquet)")
+    except (OSError, ValueError) as exc:
+        raise SynthPertError(f"cannot read {path}: {exc}") from exc
+    required = ["cell_line", "pert", "gene"] + (["label"] if label else [])
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise SynthPertError(f"{path} lacks column(s) {missing}; it has {list(frame.columns)}")
+
+    def fail(mask, column: str, why: str) -> None:
+        bad = np.flatnonzero(np.asarray(mask))
+        if len(bad):
+            row = int(bad[0])
+            raise SynthPertError(f"{path}: {where} {row + first_row}: {column} {frame[column].iloc[row]!r} {why} [{len(bad)} such row(s)]")
+
+    fail(~frame["cell_line"].isin(CELL_LINES), "cell_line", f"is not one of {list(CELL_LINES)}")
+    if "label" in frame.columns:
+        fail(~frame["label"].isin(LABELS), "label", f"is not one of {list(LABELS)}")
+    if pairs is not None:
+        for column in ("pert", "gene"):
+            known = pd.MultiIndex.from_frame(pairs[["cell_line", column]].astype(str).drop_duplicates())
+            here = pd.MultiIndex.from_frame(frame[["cell_line", column]].astype(str))
+            fail(~here.isin(known), column, "is not in PerturbQA for that cell line")
+    return frame.assign(cell_line=frame["cell_line"].astype(_CELL))
