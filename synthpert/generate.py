@@ -136,13 +136,14 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
-    ds = ray.data.from_pandas([tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)])
+    blocks = [tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)]
+    ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
-        ds, TeacherActor, g.teacher, g.actors, g.batch_size,
+        ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
         base_url=urls["teacher"], api_key=_api_key(g.teacher, cfg), cache_path=cache_path,
     )
     ds = map_with_actors(
-        ds, JudgeActor, g.judge, g.actors, g.batch_size,
+        ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
         base_url=urls["judge"], api_key=_api_key(g.judge, cfg), cache_path=cache_path,
         keep=g.keep, require_answer_match=g.require_answer_match, guided_choice=use_guided_choice(g),
     )
@@ -259,5 +260,6 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 counts=summary,
                 mlflow_run_id=run_id,
             )
-            _track(summary, attempts, sft, manifest)
+            if run_id is not None:
+                _track(summary, attempts, sft, manifest)
     return summary | {"output": str(output), "run_id": run_id}

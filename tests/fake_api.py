@@ -198,7 +198,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     args = parser.parse_args()
     api = FakeAPI(port=args.port, latency_s=args.latency)
-    asyncio.run(api._serve(lambda: print("ready", api.base_url, flush=True)))
+    import uvloop  # the stand-in provider should not be the bottleneck of a benchmark
+
+    uvloop.run(api._serve(lambda: print("ready", api.base_url, flush=True)))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ class LLMActor:
         }
 
 
-def map_with_actors(dataset, actor_cls: type[LLMActor], endpoint: EndpointConfig, actors: int, batch_size: int, **kwargs):
+def map_with_actors(
+    dataset, actor_cls: type[LLMActor], endpoint: EndpointConfig, actors: int, batch_size: int, blocks: int, **kwargs
+):
     """Add an actor-pool stage: `actors` actors split the endpoint's concurrency and rate budget.
 
     Each actor gets 1/actors of max_concurrency, requests_per_minute and tokens_per_minute, so
@@ -97,7 +99,7 @@ def map_with_actors(dataset, actor_cls: type[LLMActor], endpoint: EndpointConfig
     """
     import ray.data
 
-    actors = max(1, min(actors, endpoint.max_concurrency))
+    actors = max(1, min(actors, endpoint.max_concurrency, blocks))  # no idle actors for a small input
     slots = max(1, endpoint.max_concurrency // actors)
     concurrent_batches = math.ceil(slots / batch_size) + 1
     return dataset.map_batches(
