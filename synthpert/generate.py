@@ -27,7 +27,7 @@ from synthpert import prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import Config, DataConfig, EndpointConfig
 from synthpert.errors import SynthPertError
-from synthpert.judge import JudgeActor, counts, grade_histogram, use_guided_choice
+from synthpert.judge import JudgeActor, counts, grade_constraint, grade_histogram
 from synthpert.llm.actor import LLMActor, map_with_actors
 
 STAGE = "generate"
@@ -145,7 +145,7 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
         base_url=urls["judge"], api_key=_api_key(g.judge, cfg), cache_path=cache_path,
-        keep=g.keep, require_answer_match=g.require_answer_match, guided_choice=use_guided_choice(g),
+        keep=g.keep, require_answer_match=g.require_answer_match, extra_body=grade_constraint(g),
     )
     frames = []
     with tqdm(total=len(tuples), desc="traces", unit="row", disable=not progress) as bar:

@@ -49,9 +49,18 @@ def keep_rule(grade: str | None, keep: list[str]) -> str | None:
     return None if grade in keep else "grade"
 
 
-def use_guided_choice(cfg: GenerateConfig) -> bool:
-    """Explicit setting, else only for our own endpoint (vLLM supports it too: set it to true)."""
-    return cfg.use_guided_choice if cfg.use_guided_choice is not None else cfg.judge.base_url is None
+def grade_constraint(cfg: GenerateConfig) -> dict | None:
+    """The judge's extra_body making it answer exactly one grade; None: parse free text.
+
+    On by default only for our own endpoint; set use_guided_choice for vLLM (with
+    guided_choice_format=structured_outputs: recent vLLM ignores `guided_choice`).
+    """
+    use = cfg.use_guided_choice if cfg.use_guided_choice is not None else cfg.judge.base_url is None
+    if not use:
+        return None
+    if cfg.guided_choice_format == "structured_outputs":
+        return {"structured_outputs": {"choice": list(GRADES)}}
+    return {"guided_choice": list(GRADES)}
 
 
 class JudgeActor(LLMActor):
@@ -66,11 +75,11 @@ class JudgeActor(LLMActor):
         ("reject_reason", pa.string()),
     ]
 
-    def __init__(self, keep: list[str], require_answer_match: bool, guided_choice: bool, **kwargs):
+    def __init__(self, keep: list[str], require_answer_match: bool, extra_body: dict | None, **kwargs):
         super().__init__(**kwargs)
         self.keep = keep
         self.require_answer_match = require_answer_match
-        self.extra_body = {"guided_choice": list(GRADES)} if guided_choice else None
+        self.extra_body = extra_body
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any]:
         reason = precheck(row, self.require_answer_match)

@@ -69,8 +69,9 @@ class Faults:
 
 
 def default_reply(body: dict, key: str) -> str:
-    """A plausible answer: a grade for the judge (or one of the guided choices), else a trace."""
-    choices = (body.get("guided_choice") or (body.get("extra_body") or {}).get("guided_choice"))
+    """A plausible answer: one of the allowed choices (our `guided_choice` or vLLM's
+    `structured_outputs.choice`), a grade for a judge model, else a trace."""
+    choices = body.get("guided_choice") or (body.get("structured_outputs") or {}).get("choice")
     if choices:
         return choices[int(uniform(key, "choice") * len(choices))]
     if "judge" in body["model"]:

@@ -70,6 +70,12 @@ def test_keep_rule_checks_cheap_things_first_and_counts_add_up():
     assert judge.keep_rule("excellent", ["excellent"]) is None
     assert judge.keep_rule("good", ["excellent"]) == "grade"
     assert judge.keep_rule(None, ["excellent", "good"]) == "grade_unparseable"
+    ours = load_config(None, []).generate
+    assert judge.grade_constraint(ours) == {"guided_choice": list(judge.GRADES)}  # our endpoint: on
+    vllm = load_config(None, ["generate.judge.base_url=http://127.0.0.1:1/v1"]).generate
+    assert judge.grade_constraint(vllm) is None  # another endpoint: parse, unless told it can constrain
+    vllm.use_guided_choice, vllm.guided_choice_format = True, "structured_outputs"
+    assert judge.grade_constraint(vllm) == {"structured_outputs": {"choice": list(judge.GRADES)}}
     reasons = [None, "teacher_error", "judge_error", "malformed_trace", "answer_mismatch", "grade_unparseable", "grade", None]
     frame = pd.DataFrame({"reject_reason": reasons, "accepted": [r is None for r in reasons]})
     assert judge.counts(frame) == {"rows": 8, "accepted": 2, "rejected_grade": 2, "rejected_answer": 1,

@@ -89,9 +89,15 @@ class LLMClient:
         self._slots: asyncio.Semaphore | None = None
 
     def sampling(self) -> dict[str, Any]:
+        """The request's sampling parameters (part of the cache key).
+
+        `max_completion_tokens` is the current OpenAI name (o-series models refuse `max_tokens`;
+        vLLM and our endpoint take both). temperature/top_p at the API default 1.0 are left out:
+        reasoning models reject them even at their default.
+        """
         e = self.endpoint
-        params = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens, "seed": e.seed}
-        return {k: v for k, v in params.items() if v is not None}
+        params = {"temperature": e.temperature, "top_p": e.top_p, "max_completion_tokens": e.max_tokens, "seed": e.seed}
+        return {k: v for k, v in params.items() if v is not None and not (k in ("temperature", "top_p") and v == 1.0)}
 
     def _openai(self) -> openai.AsyncOpenAI:
         if self._client is None:
