@@ -5,7 +5,8 @@ Measures calls/s as a fraction of the ideal C/L for
   - a plain pool of 40 threads each making blocking calls with the sync openai client (what
     SynthPert's own code does), ideal 40/L;
   - with --pipeline: the whole `synthpert generate` path (teacher + judge actor pools streamed on
-    Ray Data, cache, outputs) at C = 64 per endpoint, ideal C/L rows/s once the actors are up.
+    Ray Data, cache, outputs) at C = 64 per endpoint: ideal 2C/L calls/s once the actors are up
+    (both stages busy at once), measured over the server's first-to-last request.
 The server runs in its own process (tests/fake_api.py) so it does not share our GIL. Every run
 is bounded: a fixed number of calls per level (`--rounds` × C). Prints one JSON object.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -70,10 +72,14 @@ def _thread_pool(base_url: str, threads: int, calls: int) -> float:
 
 
 def _pipeline(base_url: str, concurrency: int, rows: int, latency: float) -> dict:
+    """The whole generate path; steady state from the server's view (first to last request + L)."""
+    import httpx
     import ray
 
     from synthpert import generate
 
+    stats_url = base_url.removesuffix("/v1") + "/stats"
+    httpx.delete(stats_url)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             f"generate.teacher.base_url={base_url}", "generate.teacher.model=fake-teacher",
@@ -87,11 +93,13 @@ def _pipeline(base_url: str, concurrency: int, rows: int, latency: float) -> dic
             summary = generate.run(cfg, progress=False)
         finally:
             ray.shutdown()
-    ideal_wall = rows * latency / concurrency + latency  # both stages busy at once, plus one row's judge call
-    return {"rows": rows, "concurrency_per_endpoint": concurrency, "wall_s": summary["wall_s"],
-            "rows_per_s": summary["rows_per_s"], "ideal_wall_s": round(ideal_wall, 2),
-            "fraction_of_ideal_incl_startup": round(ideal_wall / summary["wall_s"], 3),
-            "calls": summary["teacher_calls"] + summary["judge_calls"]}
+    stats = httpx.get(stats_url).json()
+    steady = stats["requests"] / (stats["span_s"] + latency)
+    return {"rows": rows, "concurrency_per_endpoint": concurrency, "wall_s_incl_startup": summary["wall_s"],
+            "rows_per_s_incl_startup": summary["rows_per_s"], "calls": stats["requests"],
+            "steady_calls_per_s": round(steady, 1), "ideal_calls_per_s": 2 * concurrency / latency,
+            "steady_fraction_of_ideal": round(steady * latency / (2 * concurrency), 3),
+            "max_in_flight": stats["max_in_flight"]}
 
 
 def main() -> None:
@@ -107,7 +115,7 @@ def main() -> None:
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         base_url = server.stdout.readline().split()[-1]
-        result = {"latency_s": args.latency, "rounds": args.rounds, "async_client": {}}
+        result = {"latency_s": args.latency, "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0], "async_client": {}}
         for concurrency in map(int, args.levels.split(",")):
             calls = args.rounds * concurrency
             wall = asyncio.run(_async_level(base_url, concurrency, calls))
@@ -121,6 +129,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
+    result["load_avg_1m_end"] = os.getloadavg()[0]  # a shared machine: read the numbers with this
     print(json.dumps(result))
 
 

@@ -69,8 +69,6 @@ def generate(
     API keys come from the env vars named by generate.teacher.api_key_env / generate.judge.api_key_env.
     Re-running the same command resumes: finished calls come from the call cache.
     """
-    from synthpert.generate import run
-
     if cell_line and split:
         raise SynthPertError("use --cell-line or --split, not both")
     if fraction is not None and limit is not None:
@@ -97,6 +95,8 @@ def generate(
     )
     if cfg.generate.judge.base_url == cfg.generate.teacher.base_url and cfg.generate.judge.api_key_env is None:
         cfg.generate.judge.api_key_env = cfg.generate.teacher.api_key_env
+    from synthpert.generate import run  # heavy (Ray, pandas): only once the input is known to be good
+
     summary = run(cfg)
     typer.echo(
         f"{summary['rows']} rows: {summary['accepted']} kept, {summary['rejected_grade']} rejected by grade, "

@@ -161,6 +161,15 @@ class FakeAPI:
             }
         )
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        """What a benchmark in another process needs: request count, their time span, peak concurrency."""
+        if request.method == "DELETE":
+            self.requests.clear()
+            self.max_in_flight = 0
+        times = sorted(t for attempts in self.requests.values() for t, _ in attempts)
+        span = times[-1] - times[0] if times else 0.0
+        return web.json_response({"requests": len(times), "span_s": span, "max_in_flight": self.max_in_flight})
+
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
 
@@ -168,6 +177,7 @@ class FakeAPI:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_route("*", "/stats", self._stats)
         return app
 
     async def _serve(self, on_ready) -> None:

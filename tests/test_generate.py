@@ -246,3 +246,12 @@ def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, t
     judged = attempts[attempts["judge_output"].notna()]
     assert judged["grade"].isin(judge.GRADES).all()  # guided choice: always exactly one grade
     assert len(sft) == summary["accepted"] == len(judged)
+
+
+def test_cli_rejects_bad_input_with_exit_2():
+    from tests.conftest import run_cli
+
+    proc = run_cli("generate", "--keep", "excellent,great", "--output", "unused")
+    assert proc.returncode == 2 and "great" in proc.stderr and "keep" in proc.stderr
+    proc = run_cli("generate", "--cell-line", "k562", "--split", "holdout:rpe1", "--output", "unused")
+    assert proc.returncode == 2 and "--cell-line or --split" in proc.stderr

@@ -148,7 +148,7 @@ class LLMClient:
             counter = [0]
             _attempts.set(counter)
             start = time.perf_counter()
-            try:
+            try:  # the SDK's own request path and retries, minus its costly re-validation of our params
                 completion = await client.post(
                     "/chat/completions",
                     body={"model": self.endpoint.model, "messages": messages, **self.sampling(), **(extra_body or {})},
