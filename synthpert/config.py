@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synthpert.errors import SynthPertError
 
@@ -72,13 +72,33 @@ class EndpointConfig(Section):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class JudgeEndpointConfig(EndpointConfig):
+    """The judge answers with one grade word: greedy and short by default (also under partial overrides)."""
+
+    temperature: float = 0.0
+    max_tokens: int = 8
+
+
 class GenerateConfig(Section):
     teacher: EndpointConfig = Field(default_factory=EndpointConfig)
-    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(temperature=0.0, max_tokens=8))
+    judge: JudgeEndpointConfig = Field(default_factory=JudgeEndpointConfig)
     keep: list[str] = Field(default_factory=lambda: ["excellent"])
     require_answer_match: bool = True
-    use_guided_choice: bool | None = None  # None: use it when the endpoint is ours or vLLM
+    use_guided_choice: bool | None = None  # None: only for our own endpoint (set true for vLLM)
+    # How the grade list is sent: our endpoint's `guided_choice`, or vLLM's `structured_outputs.choice`.
+    guided_choice_format: Literal["guided_choice", "structured_outputs"] = "guided_choice"
     output_dir: Path = Path("runs/traces")
+    cache_path: Path | None = None  # durable store of finished calls; None: <output_dir>/calls.sqlite
+    actors: int = 2  # Ray Data actors per stage; each gets 1/actors of an endpoint's concurrency and rate caps
+    batch_size: int = 8  # rows per Ray Data batch: small, so a generated row reaches the judge soon
+
+    @field_validator("keep")
+    @classmethod
+    def _known_grades(cls, keep: list[str]) -> list[str]:
+        unknown = [g for g in keep if g not in GRADES]
+        if unknown or not keep:
+            raise ValueError(f"keep must name grades from {list(GRADES)}, got {keep}")
+        return keep
 
 
 class TrainConfig(Section):
@@ -117,21 +137,31 @@ class TrainConfig(Section):
 
 
 class ServeConfig(Section):
+    """The OpenAI-compatible endpoint (synthpert.serving). Replica/queue knobs are Serve's own;
+    a Serve config file under serve/ may override them per deployment."""
+
     engine: Literal["transformers", "vllm"] = "transformers"
     model: str | None = None  # local path; None: the embedded model
     served_model_name: str = "base"
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> local dir or models:/NAME@ALIAS
-    max_adapters_per_replica: int = 4
+    max_adapters_per_replica: int = Field(4, ge=1)  # LRU of loaded adapters per replica
+    max_lora_rank: int = Field(64, ge=1)  # vllm: the largest adapter rank it can load
     host: str = "127.0.0.1"
-    port: int = 8000
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 16
-    max_ongoing_requests: int = 64
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.05
-    max_model_len: int = 2048
-    api_key_env: str = "SYNTHPERT_API_KEY"
+    port: int = Field(8000, ge=0, le=65535)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)  # per engine replica
+    max_queued_requests: int = Field(64, ge=-1)  # beyond ongoing + queued: 503 with Retry-After (-1: no limit)
+    retry_after_s: float = Field(1.0, ge=0)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_batch_size: int = Field(16, ge=1)  # transformers: dynamic batching (1 = off)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_model_len: int = Field(2048, ge=16)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: extra engine args (dtype, tensor_parallel_size, ...)
+    api_key_env: str = "SYNTHPERT_API_KEY"  # the NAME of the env var; unset/empty = no auth
 
 
 class EvaluateConfig(Section):
