@@ -20,6 +20,8 @@ from synthpert.errors import SynthPertError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the bundled PerturbQA data.")
+app.add_typer(data_app, name="data")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in defaults).")
 SetOpt = typer.Option([], "--set", help="Dotted override, e.g. --set train.lora_r=16 (repeatable).")
@@ -43,6 +45,44 @@ def config_show(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt) ->
     """Print the fully resolved config as YAML."""
     cfg = resolve(config, set_)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@data_app.command("stats")
+def data_stats(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    split: Optional[str] = typer.Option(None, "--split", help="perturbqa | holdout:<cell_line> (default: data.split)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Another copy of the data (default: the vendored one)."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Pairs per cell line / split / class for the configured selection, and its leakage report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from synthpert.data import build_split, describe, leakage_report
+
+    cfg = resolve(config, set_, **{"data.split": split, "data.data_dir": data_dir})
+    pairs = build_split(cfg.data)
+    counts, leakage = describe(pairs), leakage_report(pairs)
+    console = Console(width=max(Console().width, 100))  # pipes default to 80 columns: too narrow
+    table = Table(title=f"PerturbQA pairs, split {cfg.data.split}")
+    for column in ("cell line", "split", "pairs", "perts", "up", "down", "not DE", "DE %", "up % of DE"):
+        table.add_column(column, justify="left" if column in ("cell line", "split") else "right")
+    for cell, splits in counts.items():
+        for name, c in splits.items():
+            up_share = "-" if c["up_share_of_de"] is None else f"{100 * c['up_share_of_de']:.1f}"
+            table.add_row(cell, name, f"{c['pairs']:,}", f"{c['perturbations']:,}", f"{c['upregulated']:,}", f"{c['downregulated']:,}",
+                          f"{c['not differentially expressed']:,}", f"{100 * c['de_rate']:.1f}", up_share)
+    console.print(table)
+    leaks = Table(title="Leakage: test items also seen in training (any loaded cell line)")
+    for column in ("test cell line", "test perts", "in train", "test pairs", "in train", "same label"):
+        leaks.add_column(column, justify="left" if column == "test cell line" else "right")
+    for cell, r in leakage["per_cell_line"].items():
+        agreement = "-" if r["pair_label_agreement"] is None else f"{100 * r['pair_label_agreement']:.1f} %"
+        leaks.add_row(cell, f"{r['test_perturbations']:,}", f"{r['test_perturbations_in_train']:,}", f"{r['test_pairs']:,}", f"{r['test_pairs_in_train']:,}", agreement)
+    console.print(leaks)
+    if json_:
+        emit_json({"split": cfg.data.split, "data_dir": cfg.data.data_dir or "vendored", "rows": len(pairs), "per_cell_line": counts, "leakage": leakage})
 
 
 @app.command("train")
@@ -79,10 +119,13 @@ def train_cmd(
         emit_json(summary)
 
 
-def main() -> None:
-    """Entry point: user errors become one clear line on stderr and exit code 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one clear line on stderr and exit code 2.
+
+    `argv` (default: sys.argv[1:]) lets ray_jobs/ entry points reuse this exact parser.
+    """
     try:
-        app()
+        app(args=argv, prog_name="synthpert")
     except SynthPertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -34,7 +34,8 @@ class KnowledgeConfig(Section):
     enabled: bool = True
     max_go_terms: int = 5
     max_go_gene_count: int = 1000  # drop GO terms annotated to more genes than this (SUMMER)
-    neighbours: int = 3
+    neighbours: int = 3  # labelled training neighbours listed per kind (same P, same G); 0: none
+    cross_cell_line: bool = False  # also retrieve neighbours from the other cell lines' training rows
 
 
 class DataConfig(Section):
@@ -182,19 +183,38 @@ def _set_dotted(tree: dict[str, Any], dotted: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: sections merge key by key, any other value (lists too) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        both_sections = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both_sections else value
+    return merged
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML file as a dict; `extends: FILE` (relative to it) names a base config it overrides."""
+    if not path.is_file():
+        raise SynthPertError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SynthPertError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise SynthPertError(f"config file {path} must hold a mapping at the top level")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    seen = (*chain, path.resolve())
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise SynthPertError(f"config file {path}: `extends: {base}` makes a cycle")
+    return _merge(_read_tree(base_path, seen), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML (or defaults when path is None), apply `a.b=c` overrides (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SynthPertError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise SynthPertError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(tree, dict):
-            raise SynthPertError(f"config file {path} must hold a mapping at the top level")
+    tree: dict[str, Any] = _read_tree(Path(path)) if path is not None else {}
     for dotted in overrides:
         _set_dotted(tree, dotted)
     try:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +41,88 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, **kwargs) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"synthpert {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def background_service(cmd: list[str], env: dict[str, str], log: Path, ready, what: str, timeout: float = 240):
+    """Run `cmd` in its own process group until `ready()` is true (bounded); stop the whole group after.
+
+    Only processes this call started are signalled (by their process and group id), never others by name.
+    """
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _probe(ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited {proc.returncode}" if proc.poll() is not None else f"not ready after {timeout:.0f} s"
+                raise RuntimeError(f"{what} {state}; log {log}:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield proc
+    finally:  # the leader shuts its own children down on SIGTERM; the group's leftovers get SIGKILL
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _probe(ready) -> bool:
+    try:
+        return bool(ready())
+    except Exception:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url, timeout=2).status_code == 200
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (started by mlflow/server.sh) on loopback with a sqlite store and an
+    artifact root under tmp; yields its http URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root}/mlflow.db",
+        "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
+    }
+    uri = f"http://127.0.0.1:{port}"
+    cmd = ["bash", str(REPO / "mlflow" / "server.sh")]
+    with background_service(cmd, env, root / "server.log", lambda: _http_ok(f"{uri}/health"), "mlflow server"):
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head (`ray start --head --block`) on loopback with its own temp dir and free
+    ports, started from this venv (so a job's `python` is the venv's); yields the dashboard (job
+    API) address. Token auth is off on this loopback-only test cluster."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))  # short: Ray's socket paths
+    venv_bin = Path(sys.executable).parent
+    dashboard, agent = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        str(venv_bin / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--temp-dir={temp_dir}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={free_port()}",
+        "--num-cpus=2", f"--object-store-memory={300 * 2**20}",
+    ]  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    # jobs go to the head node's agent: ready when both the job API and that agent answer
+    ready = lambda: _http_ok(f"{address}/api/version") and _http_ok(f"http://127.0.0.1:{agent}/api/healthz")  # noqa: E731
+    try:
+        with pytest.MonkeyPatch.context() as patch, background_service(cmd, env, temp_dir / "head.log", ready, "ray head"):
+            patch.setenv("RAY_AUTH_MODE", "disabled")  # for the job client in this process
+            yield address
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
