@@ -19,7 +19,8 @@ from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, load_config
 from synthpert.errors import SynthPertError
 from synthpert.train import train
-from synthpert.train.collate import IGNORE, collate, pack, tokenize_chat
+from synthpert.prompts import student_messages
+from synthpert.train.collate import IGNORE, build_messages, collate, pack, tokenize_chat, tokenize_frame
 from tests.conftest import REPO, run_cli
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -104,6 +105,23 @@ def test_cot_labels_cover_only_the_assistant_turn(tokenizer):
     assert all(lab == IGNORE for lab in labels[:first]) and "Knock-down of P7" in tokenizer.decode(ids[:first])
     _, unmasked = tokenize_chat(tokenizer, messages, max_seq_len=512, mask_prompt=False)
     assert unmasked == ids
+
+
+def test_raw_mode_labels_only_the_answer_tag(tokenizer):
+    """raw: the same tuple, the student's raw prompt, and only `<answer>label</answer>` to learn."""
+    rows = [{"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i], "messages": chat(i, LABELS[i])} for i in range(3)]
+    messages = build_messages(rows[1], "raw")
+    assert messages[:-1] == student_messages(rows[1], context=None, mode="raw")
+    ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
+    assert labelled_text(tokenizer, ids, labels) == "<answer>downregulated</answer><|im_end|>\n"
+    assert "<think>" not in tokenizer.decode(ids)
+    for mode, packing in (("cot", False), ("raw", False), ("raw", True)):
+        table = tokenize_frame(pd.DataFrame(rows), tokenizer, mode, 512, mask_prompt=True, packing=packing)
+        assert table["examples"].sum() == 3 and len(table) == (1 if packing else 3)
+        texts = sorted(labelled_text(tokenizer, i, lab) for i, lab in zip(table["input_ids"], table["labels"]))
+        if not packing:
+            answers = [r["messages"][-1]["content"] if mode == "cot" else f"<answer>{r['label']}</answer>" for r in rows]
+            assert texts == sorted(a + "<|im_end|>\n" for a in answers)
 
 
 def test_truncation_keeps_prefix_and_drops_examples_without_answer_tokens(tokenizer):

@@ -23,10 +23,9 @@ def build_messages(row: Mapping[str, Any], mode: str) -> list[dict[str, str]]:
     """The chat to train on: the trace as is (cot), or the raw prompt + `<answer>label</answer>`."""
     if mode == "cot":
         return [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
-    from synthpert.prompts import student_messages
+    from synthpert.prompts import format_answer, student_messages
 
-    answer = {"role": "assistant", "content": f"<answer>{row['label']}</answer>"}
-    return [*student_messages(row, context=None, mode="raw"), answer]
+    return [*student_messages(row, context=None, mode="raw"), {"role": "assistant", "content": format_answer(row["label"])}]
 
 
 def check_messages(messages: Any, where: str) -> None:

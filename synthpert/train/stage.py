@@ -227,6 +227,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 "tokens": state["tokens"],
                 "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] else 0.0,
                 "train_time_s": state["train_time_s"],
+                "peak_memory_mb": state.get("peak_memory_mb"),
                 "adapter_path": str(adapter),
                 "lora_b_nonzero": lora_b_nonzero,
                 "mlflow_run_id": run_id,

@@ -57,13 +57,24 @@ def _collate_fn(pad_id: int):
     return Collate()
 
 
-def _all_reduce(values: list[float], device) -> list[float]:
+def _all_reduce(values: list[float], device, op: str = "SUM") -> list[float]:
     import torch
     import torch.distributed as dist
 
     tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(tensor)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor.tolist()
+
+
+def _peak_memory_mb(device) -> float:
+    """This worker's peak accelerator memory (GPU) or peak resident set size (CPU), in MiB."""
+    import resource
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _lora_parameters(model) -> list:
@@ -162,6 +173,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     _skip_shm_comm_build()
+    deepspeed.init_distributed()  # wraps the process group Ray Train set up (gloo on CPU, NCCL on GPU)
 
     ds_config = deepspeed_config(cfg, world, on_gpu)
     zero3_hint = None
@@ -256,5 +268,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 if logger:
                     logger.metrics({"val_loss": val}, step=state["step"])
             final = state["step"] >= total_steps
+            if final:
+                (state["peak_memory_mb"],) = _all_reduce([_peak_memory_mb(device)], device, op="MAX")
             if final or not cfg.checkpoint_every_steps:
                 reporter.checkpoint(state, metrics({"val_loss": val}), final=final)
