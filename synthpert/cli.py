@@ -208,7 +208,7 @@ def serve_cmd(
         None, "--config", "-c",
         help="A synthpert config file, or a Ray Serve config file (e.g. serve/local.yaml, run as `serve run` would).",
     ),
-    set_: list[str] = SetOpt,
+    set_: list[str] = typer.Option([], "--set", help="Dotted override, e.g. --set serve.engine=vllm (repeatable)."),
     port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default: serve.port, or the Serve file's)."),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH_OR_URI: serve a LoRA adapter (repeatable)."),
 ) -> None:
@@ -218,7 +218,7 @@ def serve_cmd(
 
     adapters = parse_adapter_specs(adapter)
     if is_serve_config_file(config):
-        serve_until_stopped(None, config_file=config, port=port, adapters=adapters, on_ready=emit_json)
+        serve_until_stopped(None, config_file=config, port=port, adapters=adapters, overrides=set_, on_ready=emit_json)
     else:
         serve_until_stopped(resolve(config, set_, **{"serve.port": port}).serve, adapters=adapters, on_ready=emit_json)
 

@@ -7,7 +7,8 @@
 The ingress does everything that must behave the same whatever the engine: the model list,
 API-key auth, OpenAI-style errors, the context-length check, and `guided_choice` (scored through
 the engine's `loglikelihoods`). Engines implement three methods: `complete(body, prompt_ids)`,
-`complete_stream(body, prompt_ids)` (SSE lines) and `loglikelihoods(model, pairs)`.
+`complete_stream(body, prompt_ids)` (SSE lines) and `loglikelihoods(model, prompt_text, prompt_ids,
+choices)` -> [(summed log-probability, tokens)] per choice.
 """
 
 from __future__ import annotations
@@ -164,23 +165,20 @@ class OpenAIIngress:
 
     async def _guided(self, req: ChatRequest, text: str, prompt_ids: list[int], server: DeploymentHandle) -> Any:
         """Score every choice as a continuation of the prompt; answer with the likeliest (or a sample)."""
-        pairs = []
-        for choice in req.guided_choice or []:
-            full = self.tokenizer(text + choice, add_special_tokens=False).input_ids
-            shared = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), len(prompt_ids)))
-            shared = min(shared, len(full) - 1)  # a non-empty choice always adds at least one token
-            if len(full) > self.max_model_len:
-                raise APIError(400, f"prompt plus choice {choice!r} exceeds the context of {self.max_model_len} tokens")
-            pairs.append((full[:shared], full[shared:]))
-        scores = await server.loglikelihoods.remote(req.model, pairs)
         choices = req.guided_choice or []
+        longest = max(len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
+        if len(prompt_ids) + longest > self.max_model_len:
+            raise APIError(400, f"the prompt plus the longest choice exceed the context of {self.max_model_len} tokens",
+                           param="messages")
+        scored = await server.loglikelihoods.remote(req.model, text, prompt_ids, choices)
+        scores = [s for s, _ in scored]
         if req.temperature == 0:
             picks = [max(range(len(scores)), key=scores.__getitem__)] * req.n
         else:
             top = max(scores)
             weights = [math.exp((s - top) / req.temperature) for s in scores]
             picks = random.Random(req.seed).choices(range(len(choices)), weights=weights, k=req.n)
-        deltas = [Delta(i, choices[c], len(pairs[c][1]), [], "stop") for i, c in enumerate(picks)]
+        deltas = [Delta(i, choices[c], scored[c][1], [], "stop") for i, c in enumerate(picks)]
         extra = {"choice_logprobs": dict(zip(choices, scores))}
 
         async def once() -> Any:

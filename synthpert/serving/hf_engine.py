@@ -234,6 +234,20 @@ class Decoding:
         return Delta(row.index, new, 1, logprobs, finish)
 
 
+def continuation_pairs(tokenizer: Any, prompt_text: str, prompt_ids: list[int],
+                       choices: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) token ids per choice, tokenizing prompt+choice together so the
+    split matches how the model would see the answer (a merge across the boundary moves into
+    the continuation)."""
+    pairs = []
+    for choice in choices:
+        full = tokenizer(prompt_text + choice, add_special_tokens=False).input_ids
+        shared = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), len(prompt_ids)))
+        shared = min(shared, len(full) - 1)  # a non-empty choice always adds at least one token
+        pairs.append((full[:shared], full[shared:]))
+    return pairs
+
+
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -335,9 +349,12 @@ class HFServer:
         async for line in sse(self._deltas(req, prompt_ids), req, len(prompt_ids)):
             yield line
 
-    async def loglikelihoods(self, model: str, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    async def loglikelihoods(self, model: str, prompt_text: str, prompt_ids: list[int],
+                             choices: list[str]) -> list[tuple[float, int]]:
+        pairs = continuation_pairs(self.engine.tokenizer, prompt_text, prompt_ids, choices)
         async with self._adapter_for_request() as adapter:
-            return await self._call(self.engine.loglikelihoods, pairs, adapter)
+            scores = await self._call(self.engine.loglikelihoods, pairs, adapter)
+        return [(score, len(cont)) for score, (_, cont) in zip(scores, pairs)]
 
 
 class _LoadedAdapter:

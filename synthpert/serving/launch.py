@@ -104,18 +104,18 @@ def is_serve_config_file(path: Path | None) -> bool:
     return isinstance(tree, dict) and "applications" in tree
 
 
-def serve_config_file(path: Path, port: int | None, adapters: dict[str, str]) -> Any:
-    """A Serve config file as a ServeDeploySchema, with --port and --adapter applied."""
+def serve_config_file(path: Path, port: int | None, adapters: dict[str, str], overrides: list[str]) -> Any:
+    """A Serve config file as a ServeDeploySchema, with --port, --adapter and --set applied."""
     from ray.serve.schema import ServeDeploySchema
 
     tree = yaml.safe_load(path.read_text())
     if port is not None:
         tree.setdefault("http_options", {})["port"] = port
     for application in tree.get("applications") or []:
-        if adapters:
-            args = application.setdefault("args", {}) or {}
-            args["adapters"] = {**(args.get("adapters") or {}), **adapters}
-            application["args"] = args
+        args = application.get("args") or {}
+        args["adapters"] = {**(args.get("adapters") or {}), **adapters}
+        args["set"] = [*(args.get("set") or []), *overrides]
+        application["args"] = args
     try:
         return ServeDeploySchema.model_validate(tree)
     except Exception as exc:
@@ -140,17 +140,14 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
 
 
 def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None, port: int | None = None,
-                        adapters: dict[str, str] | None = None, on_ready: Any = print,
-                        timeout_s: float = 1800) -> None:
+                        adapters: dict[str, str] | None = None, overrides: list[str] | None = None,
+                        on_ready: Any = print, timeout_s: float = 1800) -> None:
     """`synthpert serve`: run until SIGINT/SIGTERM. A Serve config file is deployed exactly as
     `serve run FILE` deploys it (its per-deployment overrides apply); otherwise `cfg` is served."""
     from ray import serve
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     adapters = adapters or {}
-    schema = serve_config_file(config_file, port, adapters) if config_file else None
+    schema = serve_config_file(config_file, port, adapters, overrides or []) if config_file else None
     if schema is not None:
         cfg = config_from_args(schema.applications[0].args or {})
         host, port = schema.http_options.host, schema.http_options.port
@@ -159,6 +156,9 @@ def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None
         cfg.adapters = {**cfg.adapters, **adapters}
         host, port = cfg.host, cfg.port if port is None else port
     with _ray(cfg), _serve(host, port):
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
+            signal.signal(sig, lambda *_: stop.set())
         if schema is not None:
             from ray.serve._private.api import serve_start
 

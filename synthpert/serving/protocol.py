@@ -106,6 +106,8 @@ class ChatRequest(BaseModel):
     def _consistent(self) -> "ChatRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
+        if self.n > 1 and self.temperature == 0 and not self.guided_choice:
+            raise ValueError("n > 1 needs temperature > 0 (greedy completions would all be the same)")
         if self.continue_final_message:
             if self.messages[-1].role != "assistant":
                 raise ValueError("continue_final_message needs the last message to be from the assistant")

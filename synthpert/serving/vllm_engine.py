@@ -85,26 +85,24 @@ class VllmServer(LLMServer):
                 _raise_for_error(line)
                 yield line
 
-    async def loglikelihoods(self, model: str, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Summed prompt log-probabilities of each continuation (vLLM's prompt_logprobs)."""
+    async def loglikelihoods(self, model: str, prompt_text: str, prompt_ids: list[int],
+                             choices: list[str]) -> list[tuple[float, int]]:
+        """Each choice forced by vLLM's structured outputs (a one-string `choice` grammar) and
+        scored with the raw log-probabilities of the forced tokens. (vLLM's prompt_logprobs
+        would be the direct route, but they crash LoRA-enabled engines: vllm-project/vllm#16668.)"""
+        return list(await asyncio.gather(*(self._forced(model, prompt_ids, c) for c in choices)))
+
+    async def _forced(self, model: str, prompt_ids: list[int], choice: str) -> tuple[float, int]:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        request = CompletionRequest(model=model, prompt=[ctx + cont for ctx, cont in pairs], max_tokens=1,
-                                    temperature=0.0, prompt_logprobs=0)
+        request = CompletionRequest(model=model, prompt=prompt_ids, max_tokens=len(choice) + 2, temperature=0.0,
+                                    logprobs=0, structured_outputs={"choice": [choice]})
         async for item in await self.completions(request):
             _raise_for_error(item)
-            return [_summed(choice.prompt_logprobs, ctx + cont, len(ctx)) for choice, (ctx, cont)
-                    in zip(sorted(item.choices, key=lambda c: c.index), pairs)]
+            lp = item.choices[0].logprobs
+            kept = [v for v, offset in zip(lp.token_logprobs, lp.text_offset) if offset < len(choice)]
+            return float(sum(kept)), len(kept)
         raise APIError(500, "the engine returned no scores", type_="server_error")
-
-
-def _summed(prompt_logprobs: list[Any], ids: list[int], start: int) -> float:
-    total = 0.0
-    for position in range(start, len(ids)):
-        entry = prompt_logprobs[position]
-        value = entry.get(ids[position], entry.get(str(ids[position])))
-        total += value["logprob"] if isinstance(value, dict) else value.logprob
-    return total
 
 
 def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: dict[str, Any]) -> Any:
