@@ -85,6 +85,68 @@ def data_stats(
         emit_json({"split": cfg.data.split, "data_dir": cfg.data.data_dir or "vendored", "rows": len(pairs), "per_cell_line": counts, "leakage": leakage})
 
 
+@app.command()
+def generate(
+    teacher_base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL (default: our own Serve endpoint)."),
+    teacher_model: Optional[str] = typer.Option(None, help="Teacher model name at that endpoint."),
+    judge_base_url: Optional[str] = typer.Option(None, help="Judge endpoint (default: the teacher's)."),
+    judge_model: Optional[str] = typer.Option(None, help="Judge model (default: the teacher's when the endpoint is too)."),
+    cell_line: Optional[str] = typer.Option(None, help="Only this cell line's training tuples."),
+    split: Optional[str] = typer.Option(None, help="perturbqa | holdout:<cell_line> (traces come from its train part)."),
+    fraction: Optional[float] = typer.Option(None, help="Fraction of the training tuples (SynthPert: 0.15)."),
+    limit: Optional[int] = typer.Option(None, help="At most this many training tuples."),
+    concurrency: Optional[int] = typer.Option(None, help="Calls in flight per endpoint (teacher and judge each)."),
+    keep: Optional[str] = typer.Option(None, help="Grades kept, comma-separated (default: excellent)."),
+    output: Optional[Path] = typer.Option(None, help="Output directory (default: generate.output_dir)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Teacher traces for training tuples, judged and filtered: attempts.parquet + sft.parquet.
+
+    API keys come from the env vars named by generate.teacher.api_key_env / generate.judge.api_key_env.
+    Re-running the same command resumes: finished calls come from the call cache.
+    """
+    from synthpert.generate import run
+
+    if cell_line and split:
+        raise SynthPertError("use --cell-line or --split, not both")
+    if fraction is not None and limit is not None:
+        raise SynthPertError("use --fraction or --limit, not both")
+    if judge_base_url is None and teacher_base_url is not None:
+        judge_base_url, judge_model = teacher_base_url, judge_model or teacher_model
+    cfg = resolve(
+        config,
+        set_,
+        **{
+            "generate.teacher.base_url": teacher_base_url,
+            "generate.teacher.model": teacher_model,
+            "generate.judge.base_url": judge_base_url,
+            "generate.judge.model": judge_model,
+            "generate.teacher.max_concurrency": concurrency,
+            "generate.judge.max_concurrency": concurrency,
+            "generate.keep": keep.split(",") if keep else None,
+            "generate.output_dir": output,
+            "data.cell_lines": [cell_line] if cell_line else None,
+            "data.split": split,
+            "data.fraction": fraction,
+            "data.limit": limit,
+        },
+    )
+    if cfg.generate.judge.base_url == cfg.generate.teacher.base_url and cfg.generate.judge.api_key_env is None:
+        cfg.generate.judge.api_key_env = cfg.generate.teacher.api_key_env
+    summary = run(cfg)
+    typer.echo(
+        f"{summary['rows']} rows: {summary['accepted']} kept, {summary['rejected_grade']} rejected by grade, "
+        f"{summary['rejected_answer']} by answer, {summary['rejected_malformed']} malformed, {summary['errored']} errored; "
+        f"{summary['teacher_calls']} teacher + {summary['judge_calls']} judge calls, {summary['cached']} from cache, "
+        f"${summary['cost_usd']:.4f} -> {summary['output']}",
+        err=True,
+    )
+    if json_:
+        emit_json(summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit code 2.
 

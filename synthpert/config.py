@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synthpert.errors import SynthPertError
 
@@ -72,13 +72,31 @@ class EndpointConfig(Section):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class JudgeEndpointConfig(EndpointConfig):
+    """The judge answers with one grade word: greedy and short by default (also under partial overrides)."""
+
+    temperature: float = 0.0
+    max_tokens: int = 8
+
+
 class GenerateConfig(Section):
     teacher: EndpointConfig = Field(default_factory=EndpointConfig)
-    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(temperature=0.0, max_tokens=8))
+    judge: JudgeEndpointConfig = Field(default_factory=JudgeEndpointConfig)
     keep: list[str] = Field(default_factory=lambda: ["excellent"])
     require_answer_match: bool = True
-    use_guided_choice: bool | None = None  # None: use it when the endpoint is ours or vLLM
+    use_guided_choice: bool | None = None  # None: only for our own endpoint (set true for vLLM)
     output_dir: Path = Path("runs/traces")
+    cache_path: Path | None = None  # durable store of finished calls; None: <output_dir>/calls.sqlite
+    actors: int = 2  # Ray Data actors per stage; each gets 1/actors of an endpoint's concurrency and rate caps
+    batch_size: int = 8  # rows per Ray Data batch: small, so a generated row reaches the judge soon
+
+    @field_validator("keep")
+    @classmethod
+    def _known_grades(cls, keep: list[str]) -> list[str]:
+        unknown = [g for g in keep if g not in GRADES]
+        if unknown or not keep:
+            raise ValueError(f"keep must name grades from {list(GRADES)}, got {keep}")
+        return keep
 
 
 class TrainConfig(Section):

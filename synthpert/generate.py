@@ -1,0 +1,263 @@
+"""Teacher stage, and the `synthpert generate` run: sample → teacher → judge, streamed on Ray Data.
+
+The teacher sees the TRUE label and writes `<think>…</think><answer>…</answer>`; the judge
+(synthpert.judge) grades the reasoning while other rows are still being generated. Outputs in
+the output directory: `attempts.parquet` (every sampled row exactly once, with its outcome,
+usage and cost), `sft.parquet` (kept traces as chat messages whose system+user part is the
+STUDENT prompt, which never contains the label) and manifest.json. Every finished call is in
+the call cache (default `<output>/calls.sqlite`) the moment it returns, so re-running the same
+command after a crash pays only for the calls that had not finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+from pydantic import SecretStr
+
+from synthpert import prompts, tracking
+from synthpert.artifacts import write_manifest, write_table
+from synthpert.config import Config, DataConfig, EndpointConfig
+from synthpert.errors import SynthPertError
+from synthpert.judge import JudgeActor, counts, grade_histogram, use_guided_choice
+from synthpert.llm.actor import LLMActor, map_with_actors
+
+STAGE = "generate"
+TUPLE_COLUMNS = ["tuple_id", "cell_line", "pert", "gene", "label"]
+SAMPLE_TRACES = 20  # traces logged to MLflow as a sample of what was kept and rejected
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SFT_SCHEMA = pa.schema(
+    [("cell_line", pa.string()), ("pert", pa.string()), ("gene", pa.string()), ("label", pa.string()), ("messages", _MESSAGES)]
+)
+
+
+def prompt_hash(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TeacherActor(LLMActor):
+    """Ray Data actor: the label-conditioned teacher prompt for each row; parses the trace."""
+
+    prefix = "teacher"
+    fields = [(name, pa.string()) for name in ("prompt_hash", "teacher_model", "teacher_output", "reasoning", "answer")]
+
+    async def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        messages = prompts.teacher_messages(row, row["context"])
+        scope = {"tuple": row["tuple_id"], "template": "teacher", "version": prompts.TEMPLATE_VERSIONS["teacher"]}
+        result = await self.client.complete(messages, scope)
+        reasoning, answer = prompts.parse_trace(result.text) if result.error is None else (None, None)
+        return {
+            **row,
+            "prompt_hash": prompt_hash(messages),
+            "teacher_model": self.client.endpoint.model,
+            "teacher_output": result.text,
+            "reasoning": reasoning,
+            "answer": answer,
+            **self.outcome(result),
+        }
+
+
+ATTEMPTS_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in TUPLE_COLUMNS]
+    + TeacherActor.output_fields()
+    + JudgeActor.output_fields()
+    + [("error", pa.string()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
+       ("latency_s", pa.float64()), ("cost_usd", pa.float64())]
+)
+
+
+def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
+    """The seeded sample of TRAINING tuples (fraction/limit of the train split), with prompt context."""
+    from synthpert.data import apply_split, load_pairs, subsample
+
+    pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
+    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
+    picked = subsample(train, data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
+    if picked.empty:
+        raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
+    frame = picked[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
+    frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
+    if data_cfg.knowledge.enabled:
+        from synthpert.data import Knowledge
+
+        knowledge = Knowledge.load(data_cfg.data_dir)
+        frame["context"] = [knowledge.context(r.cell_line, r.pert, r.gene, train) for r in frame.itertuples()]
+    else:
+        frame["context"] = ""
+    return frame
+
+
+@contextlib.contextmanager
+def _ray() -> Iterator[None]:
+    """Use the Ray cluster we are in (a job, a test) or start a private local one for this run."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        runtime_env=None if address else {"env_vars": {"PYTHONPATH": path}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
+    """The endpoint's key from its env var (our own endpoint: the serve key), kept out of reprs."""
+    key = endpoint.api_key()
+    if key is None and endpoint.base_url is None:
+        key = os.environ.get(cfg.serve.api_key_env)
+    return SecretStr(key) if key else None
+
+
+def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> pd.DataFrame:
+    """Teacher and judge actor pools on one streaming Ray Data pipeline; every row comes back once."""
+    import ray.data
+    from tqdm import tqdm
+
+    g = cfg.generate
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
+    # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
+    ds = ray.data.from_pandas([tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)])
+    ds = map_with_actors(
+        ds, TeacherActor, g.teacher, g.actors, g.batch_size,
+        base_url=urls["teacher"], api_key=_api_key(g.teacher, cfg), cache_path=cache_path,
+    )
+    ds = map_with_actors(
+        ds, JudgeActor, g.judge, g.actors, g.batch_size,
+        base_url=urls["judge"], api_key=_api_key(g.judge, cfg), cache_path=cache_path,
+        keep=g.keep, require_answer_match=g.require_answer_match, guided_choice=use_guided_choice(g),
+    )
+    frames = []
+    with tqdm(total=len(tuples), desc="traces", unit="row", disable=not progress) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            frames.append(batch)
+            bar.update(len(batch))
+    attempts = pd.concat(frames, ignore_index=True)
+    if sorted(attempts["tuple_id"]) != sorted(tuples["tuple_id"]):
+        raise RuntimeError(f"rows in ({len(tuples)}) != rows out ({len(attempts)}) or a row came back twice")
+    order = {tuple_id: i for i, tuple_id in enumerate(tuples["tuple_id"])}
+    return attempts.sort_values("tuple_id", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+def _finish_columns(attempts: pd.DataFrame) -> pd.DataFrame:
+    """Per-row totals over both calls, and one error column naming the stage that failed."""
+    out = attempts.copy()
+    for name in ("tokens_in", "tokens_out", "latency_s", "cost_usd"):
+        out[name] = out[f"teacher_{name}"] + out[f"judge_{name}"]
+    out["error"] = ("teacher: " + out["teacher_error"]).fillna("judge: " + out["judge_error"])
+    return out
+
+
+def sft_rows(attempts: pd.DataFrame) -> pd.DataFrame:
+    """Kept traces as chat messages: the student's prompt (no label) + the teacher's trace."""
+    kept = attempts[attempts["accepted"]]
+    messages = [
+        [*prompts.student_messages(row, row["context"], mode="cot"),
+         {"role": "assistant", "content": f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"}]
+        for row in kept.to_dict("records")
+    ]
+    return kept[["cell_line", "pert", "gene", "label"]].assign(messages=messages)
+
+
+def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
+    """The run's numbers: outcomes, calls made vs answered from cache, tokens and cost."""
+    summary: dict[str, Any] = counts(attempts)
+    made = {stage: attempts[f"{stage}_called"] for stage in ("teacher", "judge")}
+    spent = lambda column: sum(float(attempts.loc[made[s], f"{s}_{column}"].sum()) for s in made)  # noqa: E731
+    summary.update(
+        teacher_calls=int(made["teacher"].sum()),
+        judge_calls=int(made["judge"].sum()),
+        cached=int(attempts["teacher_cached"].sum() + attempts["judge_cached"].sum()),
+        retries=int(attempts["teacher_retries"].sum() + attempts["judge_retries"].sum()),
+        tokens_in=int(spent("tokens_in")),
+        tokens_out=int(spent("tokens_out")),
+        cost_usd=round(spent("cost_usd"), 6),
+        tokens_total=int(attempts["tokens_in"].sum() + attempts["tokens_out"].sum()),
+        cost_usd_total=round(float(attempts["cost_usd"].sum()), 6),
+        acceptance_rate=round(summary["accepted"] / max(1, summary["rows"]), 4),
+        grades=grade_histogram(attempts),
+        wall_s=round(wall_s, 2),
+        rows_per_s=round(summary["rows"] / max(wall_s, 1e-9), 3),
+    )
+    summary["tokens"] = summary["tokens_in"] + summary["tokens_out"]
+    return summary
+
+
+def _track(summary: dict, attempts: pd.DataFrame, sft: pd.DataFrame, manifest: Path) -> None:
+    from matplotlib.figure import Figure
+
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_metrics(numbers | {f"grade_{g}": n for g, n in summary["grades"].items()})
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.subplots()
+    axes.bar(list(summary["grades"]), list(summary["grades"].values()), color="#4c72b0")
+    axes.set(title="Judge grades", ylabel="traces")
+    tracking.log_figure(figure, "grade_histogram.png")
+    rejected = attempts[~attempts["accepted"]].head(SAMPLE_TRACES)
+    tracking.log_dict(
+        {
+            "kept": sft.head(SAMPLE_TRACES).to_dict("records"),
+            "rejected": rejected[["tuple_id", "label", "reject_reason", "grade", "answer", "teacher_output", "error"]].to_dict("records"),
+        },
+        "traces_sample.json",
+    )
+    tracking.log_artifact(manifest)
+
+
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Generate, judge and filter traces as `cfg` says; returns the summary (also in the manifest)."""
+    g = cfg.generate
+    started = time.time()
+    tuples = sample_tuples(cfg.data)
+    output = Path(g.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with _ray(), contextlib.ExitStack() as stack:
+        own = None
+        urls = {}
+        for role, endpoint in (("teacher", g.teacher), ("judge", g.judge)):
+            if endpoint.base_url is None and own is None:
+                from synthpert.serving import running
+
+                own = stack.enter_context(running(cfg.serve))
+            urls[role] = endpoint.base_url or own
+        with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
+            tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
+            attempts = _finish_columns(_stream(cfg, tuples, urls, progress))
+            sft = sft_rows(attempts)
+            summary = summarize(attempts, time.time() - started)
+            outputs = {
+                "attempts": write_table(output, "attempts", attempts, ATTEMPTS_SCHEMA),
+                "sft": write_table(output, "sft", sft, SFT_SCHEMA),
+            }
+            manifest = write_manifest(
+                output,
+                STAGE,
+                outputs,
+                config=cfg.model_dump(mode="json", include={"data", "generate"}),
+                config_digest=cfg.digest("data", "generate"),
+                template_versions=prompts.TEMPLATE_VERSIONS,
+                models={"teacher": g.teacher.model, "judge": g.judge.model},
+                endpoints=urls,
+                counts=summary,
+                mlflow_run_id=run_id,
+            )
+            _track(summary, attempts, sft, manifest)
+    return summary | {"output": str(output), "run_id": run_id}

@@ -1,0 +1,66 @@
+"""Durable content-addressed store of finished LLM calls: never pay for the same call twice.
+
+One sqlite file in WAL mode, one row per call, committed the moment the call returns. A
+`kill -9` can only lose calls still in flight (a committed WAL frame survives the process; with
+synchronous=NORMAL only a power cut can drop the last commits). Many processes (Ray actors)
+write the same file: sqlite serialises the writers, `INSERT OR IGNORE` makes a duplicate write
+harmless, and the busy timeout makes a writer wait instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def cache_key(**parts: Any) -> str:
+    """SHA-256 of the canonical JSON of everything that determines a call's answer."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class CallCache:
+    """`get(key)` / `put(key, record)` over one sqlite file shared by every process of a run."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 120.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # isolation_level=None: autocommit, so each INSERT is its own committed transaction.
+        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
+            "record TEXT NOT NULL, created REAL NOT NULL)"
+        )
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, model: str, record: dict) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO calls (key, model, record, created) VALUES (?, ?, ?, ?)",
+                (key, model, json.dumps(record, sort_keys=True), time.time()),
+            )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def records(self) -> Iterator[tuple[str, dict]]:
+        with self._lock:
+            rows = self._db.execute("SELECT key, record FROM calls ORDER BY created").fetchall()
+        for key, record in rows:
+            yield key, json.loads(record)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

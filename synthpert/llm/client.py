@@ -1,0 +1,177 @@
+"""Async calls to any OpenAI-compatible endpoint: bounded, rate-capped, retried, cached, accounted.
+
+- Concurrency: at most `share * max_concurrency` calls in flight from one client (a Ray actor
+  holds one client; the actors of a stage split the endpoint's budget, see `share`).
+- Rate caps: `requests_per_minute` is checked before every HTTP attempt, retries included (an
+  httpx request hook); `tokens_per_minute` before every call, with the prompt estimated at 4
+  characters a token plus `max_tokens` (a provider counts what is reserved, not what is used).
+  Both are aiolimiter leaky buckets holding at most one second's worth, so no burst of a whole
+  minute's budget at start.
+- Retries: the openai client's own machinery (honours Retry-After / retry-after-ms, otherwise
+  exponential backoff with jitter; retries 408/409/429/5xx, timeouts and dropped connections)
+  up to `max_retries`; after that the error is returned on the result, never raised.
+- Cache: a finished call (any 2xx answer, malformed or not: it was paid for) is written to the
+  CallCache before it is returned; a key already there is answered from it without a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import time
+from typing import Any
+
+import httpx2
+import openai
+from aiolimiter import AsyncLimiter
+from openai.types.chat import ChatCompletion
+
+from synthpert.config import EndpointConfig
+from synthpert.llm.cache import CallCache, cache_key
+
+CHARS_PER_TOKEN = 4
+MAX_ERROR_CHARS = 400
+
+# Counts the HTTP attempts of the call running in the current task (set by `complete`).
+_attempts: contextvars.ContextVar[list[int]] = contextvars.ContextVar("synthpert_llm_attempts")
+
+
+@dataclasses.dataclass
+class CallResult:
+    """One logical call: the text or the final error, with its usage and price."""
+
+    text: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost_usd: float = 0.0
+    retries: int = 0
+    cached: bool = False
+
+
+_RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries")
+
+
+def price(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float:
+    """USD for one call at the endpoint's per-million-token prices."""
+    return (prompt_tokens * endpoint.price_in_per_mtok + completion_tokens * endpoint.price_out_per_mtok) / 1e6
+
+
+def _leaky_bucket(per_minute: float | None) -> AsyncLimiter | None:
+    if not per_minute:
+        return None
+    per_second = per_minute / 60.0
+    capacity = max(1.0, per_second)
+    return AsyncLimiter(capacity, capacity / per_second)
+
+
+class LLMClient:
+    """One endpoint's calls from one event loop (one per Ray actor; made lazily inside the loop)."""
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        base_url: str,
+        api_key: str | None = None,
+        share: float = 1.0,
+        cache: CallCache | None = None,
+    ):
+        self.endpoint = endpoint
+        self.base_url = base_url
+        self.concurrency = max(1, int(endpoint.max_concurrency * share + 1e-9))
+        self.cache = cache
+        self._api_key = api_key
+        self._rpm = _leaky_bucket(endpoint.requests_per_minute and endpoint.requests_per_minute * share)
+        self._tpm = _leaky_bucket(endpoint.tokens_per_minute and endpoint.tokens_per_minute * share)
+        self._client: openai.AsyncOpenAI | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        e = self.endpoint
+        params = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens, "seed": e.seed}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _openai(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            limits = httpx2.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+            http = openai.DefaultAioHttpClient(limits=limits, event_hooks={"request": [self._before_attempt]})
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self._api_key or "EMPTY",  # servers without auth still need a token shape
+                max_retries=self.endpoint.max_retries,
+                timeout=self.endpoint.timeout_s,
+                http_client=http,
+            )
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._client
+
+    async def _before_attempt(self, request: httpx2.Request) -> None:
+        """Runs before every HTTP attempt, retries included."""
+        counter = _attempts.get(None)
+        if counter is not None:
+            counter[0] += 1
+        if self._rpm is not None:
+            await self._rpm.acquire()
+
+    def _describe(self, exc: Exception) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        if exc.__cause__ is not None:  # e.g. which transport failure the SDK reports as a timeout
+            text += f" ({type(exc.__cause__).__name__}: {exc.__cause__})"
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return text[:MAX_ERROR_CHARS]
+
+    def key(self, messages: list[dict], scope: dict, extra_body: dict | None = None) -> str:
+        """The cache key: what is asked (scope: tuple, template, version), of which model, how."""
+        return cache_key(
+            scope=scope, model=self.endpoint.model, sampling=self.sampling(), messages=messages, extra_body=extra_body
+        )
+
+    async def complete(self, messages: list[dict], scope: dict, extra_body: dict | None = None) -> CallResult:
+        """One chat completion, from the cache when it was made before; errors come back on the result."""
+        key = self.key(messages, scope, extra_body)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return CallResult(**{f: hit[f] for f in _RECORDED}, cached=True)
+        client = self._openai()
+        async with self._slots:
+            if self._tpm is not None:
+                estimate = sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + self.endpoint.max_tokens
+                await self._tpm.acquire(min(estimate, self._tpm.max_rate))
+            counter = [0]
+            _attempts.set(counter)
+            start = time.perf_counter()
+            try:
+                completion = await client.post(
+                    "/chat/completions",
+                    body={"model": self.endpoint.model, "messages": messages, **self.sampling(), **(extra_body or {})},
+                    cast_to=ChatCompletion,
+                )
+            except openai.APIError as exc:
+                return CallResult(
+                    error=self._describe(exc), latency_s=time.perf_counter() - start, retries=max(0, counter[0] - 1)
+                )
+            latency = time.perf_counter() - start
+        usage = completion.usage
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        completion_tokens = usage.completion_tokens if usage else 0
+        choice = completion.choices[0] if completion.choices else None
+        result = CallResult(
+            text=(choice.message.content or "") if choice else "",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=latency,
+            cost_usd=price(self.endpoint, prompt_tokens, completion_tokens),
+            retries=max(0, counter[0] - 1),
+        )
+        if self.cache is not None:
+            request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
+            record = {f: getattr(result, f) for f in _RECORDED} | {"request": request}
+            self.cache.put(key, self.endpoint.model, record)
+        return result
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

@@ -1,0 +1,205 @@
+"""A loopback OpenAI-compatible chat-completions server that misbehaves on purpose.
+
+The one allowed fake: it stands in for a paid frontier API, which cannot be reached here. It
+speaks the real wire format (the official `openai` client talks to it over HTTP) and injects
+429 (with Retry-After), 500, hangs past the client's timeout, dropped connections and malformed
+outputs at chosen rates. Which fault hits which request is a pure function of (seed, request
+content, attempt number), so a test can replay the server's decisions. It counts every request
+and every answered call per request content: the crash-resume test uses those counters to prove
+no finished call was made twice. Used by tests (in a thread) and bench/generate.py (in a
+subprocess: `python -m tests.fake_api --port P --latency L`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+LABELS = ("upregulated", "downregulated", "not differentially expressed")
+GRADES = ("excellent", "good", "average", "bad", "terrible")
+MALFORMED = "Sure! Here is my analysis, in prose, without any of the requested tags."
+
+
+def content_key(model: str, messages: list[dict]) -> str:
+    """What the server counts calls by: the model and the exact messages."""
+    return hashlib.sha256(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()[:20]
+
+
+def uniform(*parts: object) -> float:
+    """A deterministic number in [0, 1) from the parts (the server's dice)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+@dataclass
+class Faults:
+    """Fault rates. Transient ones are drawn per attempt; `dead`/`malformed` stick to a content."""
+
+    rate_429: float = 0.0
+    retry_after_s: float = 0.3
+    rate_500: float = 0.0
+    rate_hang: float = 0.0  # answer only after `hang_s` (set it past the client's timeout)
+    hang_s: float = 3.0
+    rate_drop: float = 0.0  # close the connection without an answer
+    rate_dead: float = 0.0  # this content always gets 500: the row must end up errored
+    rate_malformed: float = 0.0  # this content gets a 200 whose text ignores the format
+    seed: int = 0
+
+    def transient(self, key: str, attempt: int) -> str | None:
+        u = uniform(self.seed, key, attempt)
+        for name, rate in (("429", self.rate_429), ("500", self.rate_500), ("hang", self.rate_hang), ("drop", self.rate_drop)):
+            if u < rate:
+                return name
+            u -= rate
+        return None
+
+    def dead(self, key: str) -> bool:
+        return uniform(self.seed, key, "dead") < self.rate_dead
+
+    def malformed(self, key: str) -> bool:
+        return uniform(self.seed, key, "malformed") < self.rate_malformed
+
+
+def default_reply(body: dict, key: str) -> str:
+    """A plausible answer: a grade for the judge (or one of the guided choices), else a trace."""
+    choices = (body.get("guided_choice") or (body.get("extra_body") or {}).get("guided_choice"))
+    if choices:
+        return choices[int(uniform(key, "choice") * len(choices))]
+    if "judge" in body["model"]:
+        return GRADES[int(uniform(key, "grade") * len(GRADES))]
+    prompt = "\n".join(m["content"] for m in body["messages"] if m["role"] != "assistant")
+    label = true_label(prompt) if uniform(key, "right") < 0.8 else LABELS[int(uniform(key, "label") * 3)]
+    return f"<think>Knocking down the perturbed gene changes its targets; reasoning {key[:6]}.</think><answer>{label}</answer>"
+
+
+def true_label(prompt: str) -> str:
+    """The label the teacher prompt discloses (the last one it names), else a fixed guess."""
+    found = {label: prompt.rfind(label) for label in LABELS}
+    best = max(found, key=found.get)
+    return best if found[best] >= 0 else LABELS[2]
+
+
+@dataclass
+class FakeAPI:
+    """Run with `with FakeAPI(port, faults) as api:`; `api.base_url` ends in /v1."""
+
+    port: int
+    faults: Faults = field(default_factory=Faults)
+    latency_s: float = 0.0
+    host: str = "127.0.0.1"
+    requests: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
+    answered: Counter = field(default_factory=Counter)
+    authorization: set[str] = field(default_factory=set)
+    bodies: dict[str, dict] = field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def answered_total(self) -> int:
+        return sum(self.answered.values())
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.authorization.add(request.headers.get("Authorization", ""))
+        key = content_key(body["model"], body["messages"])
+        self.bodies[key] = body
+        attempt = len(self.requests[key])
+        fault = "dead" if self.faults.dead(key) else self.faults.transient(key, attempt)
+        self.requests[key].append((time.monotonic(), fault or "ok"))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if fault == "429":
+            return web.json_response(
+                {"error": {"message": "rate limited", "type": "rate_limit"}},
+                status=429,
+                headers={"Retry-After": str(self.faults.retry_after_s)},
+            )
+        if fault in ("500", "dead"):
+            return web.json_response({"error": {"message": "internal error", "type": "server"}}, status=500)
+        if fault == "drop":
+            request.transport.close()
+            return web.Response()  # never reaches the client
+        if fault == "hang":
+            await asyncio.sleep(self.faults.hang_s)
+            return web.json_response({"error": {"message": "too late"}}, status=504)
+        text = MALFORMED if self.faults.malformed(key) else default_reply(body, key)
+        prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4 + 1
+        completion_tokens = len(text) // 4 + 1
+        self.answered[key] += 1
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{key}-{attempt}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 2**20)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        return app
+
+    async def _serve(self, on_ready) -> None:
+        runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=False)
+        await runner.setup()
+        await web.TCPSite(runner, self.host, self.port, backlog=4096).start()
+        self._stop = asyncio.Event()
+        on_ready()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def __enter__(self) -> "FakeAPI":
+        started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(started.set),), daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("fake API did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    api = FakeAPI(port=args.port, latency_s=args.latency)
+    asyncio.run(api._serve(lambda: print("ready", api.base_url, flush=True)))
+
+
+if __name__ == "__main__":
+    main()
