@@ -84,13 +84,18 @@ def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
     picked = subsample(train, data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
     if picked.empty:
         raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
-    frame = picked[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
+    return with_context(picked, train, data_cfg)
+
+
+def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
+    """Prompt rows for `pairs`: tuple id, the tuple, its label, and knowledge context from `train` only."""
+    frame = pairs[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
     frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
     if data_cfg.knowledge.enabled:
         from synthpert.data import Knowledge
 
         knowledge = Knowledge.load(data_cfg.data_dir)
-        frame["context"] = [knowledge.context(r.cell_line, r.pert, r.gene, train) for r in frame.itertuples()]
+        frame["context"] = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
     else:
         frame["context"] = ""
     return frame

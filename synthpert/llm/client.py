@@ -49,9 +49,10 @@ class CallResult:
     cost_usd: float = 0.0
     retries: int = 0
     cached: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)  # the response's non-OpenAI fields (choice_logprobs)
 
 
-_RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries")
+_RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries", "extra")
 
 
 def price(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float:
@@ -133,7 +134,7 @@ class LLMClient:
         """One chat completion, from the cache when it was made before; errors come back on the result."""
         key = self.key(messages, scope, extra_body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return CallResult(**{f: hit[f] for f in _RECORDED}, cached=True)
+            return CallResult(**{f: hit[f] for f in _RECORDED if f in hit}, cached=True)
         client = self._openai()
         async with self._slots:
             if self._tpm is not None:
@@ -164,6 +165,7 @@ class LLMClient:
             latency_s=latency,
             cost_usd=price(self.endpoint, prompt_tokens, completion_tokens),
             retries=max(0, counter[0] - 1),
+            extra=dict(completion.model_extra or {}),
         )
         if self.cache is not None:
             request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
