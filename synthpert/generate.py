@@ -94,7 +94,7 @@ def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig)
     if data_cfg.knowledge.enabled:
         from synthpert.data import Knowledge
 
-        knowledge = Knowledge.load(data_cfg.data_dir)
+        knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
         frame["context"] = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
     else:
         frame["context"] = ""
