@@ -154,7 +154,7 @@ _NONE = [
     rf"{_NEG}\s+(?:significantly\s+)?(?:{_UP})\s+(?:or|nor)\s+(?:{_DOWN})\b",
     rf"{_NEG}\s+(?:significantly\s+)?(?:{_DOWN})\s+(?:or|nor)\s+(?:{_UP})\b",
     rf"{_NEG}\s+(?:significant\s+|significantly\s+|notable\s+|meaningful\s+)?(?:chang|differen|effect|affect|alter|impact|differential\s+expression)\w*",
-    r"unchanged|unaffected|unaltered|same|stable|constant|neutral|none|nde|no[\s-]?change|remains?\s+(?:the\s+same|similar)",
+    r"unchanged|unaffected|unaltered|none|nde|no[\s-]?change|(?:remains?|stays?)\s+(?:the\s+same|similar|stable|constant)",
 ]
 _CLASSES = {
     weak: (("upregulated", re.compile(rf"\b(?:{up})\b")), ("downregulated", re.compile(rf"\b(?:{down})\b")))

@@ -163,10 +163,14 @@ def test_subsample_is_seeded_exact_and_stratified(pairs):
         subsample(pairs, fraction=1.5)
 
 
-def test_build_split_applies_the_config():
+def test_build_split_samples_training_rows_and_keeps_the_test_set():
     got = build_split(DataConfig(cell_lines=["k562", "rpe1"], split="holdout:rpe1", limit=500, seed=1))
-    assert len(got) == 500 and set(got.cell_line) == {"k562", "rpe1"}
-    assert set(got.split[got.cell_line == "rpe1"]) == {"test"}
+    assert set(got.split[got.cell_line == "rpe1"]) == {"test"} and (got.split == "test").sum() == 149_147 + 37_942
+    train = got[got.split == "train"]
+    assert len(train) == 500 and set(train.cell_line) == {"k562"} and got.index.equals(pd.RangeIndex(len(got)))
+    assert train.label.value_counts()["upregulated"] == round(500 * (11_041 + 2_530) / (134_467 + 23_212))
+    official = build_split(DataConfig(cell_lines=["k562"], fraction=0.1))
+    assert (official.split == "train").sum() == round(0.1 * 134_467) and (official.split == "test").sum() == 23_212
     with pytest.raises(SynthPertError, match="not among the loaded lines"):
         build_split(DataConfig(cell_lines=["k562"], split="holdout:rpe1"))
 
@@ -195,7 +199,7 @@ def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
     proc = run_cli("data", "stats", "--split", "holdout:rpe1", "--set", "data.cell_lines=[k562,rpe1]", "--set", "data.limit=300",
                    "--data-dir", "/work/shared/data" if Path("/work/shared/data").is_dir() else str(VENDOR_DIR), "--json", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["rows"] == 300 and result["split"] == "holdout:rpe1"
+    assert result["rows"] == 300 + 187_089 and result["split"] == "holdout:rpe1"
     assert set(result["per_cell_line"]["rpe1"]) == {"test"} and set(result["per_cell_line"]["k562"]) == {"train"}
     bad = run_cli("data", "stats", "--split", "random")
     assert bad.returncode == 2 and "unknown split 'random'" in bad.stderr

@@ -100,6 +100,8 @@ ANSWERS = SMOLLM2_ANSWERS + [
     ("The gene isn't differentially expressed", NONE),
     ("MYC doesn't change", NONE),
     ("MYC remains the same", NONE),
+    ("MYC stays stable.", NONE),
+    ("MYC is upregulated by the same mechanism.", UP),
     ("Knocking down RPL7 leads to upregulation of MYC.", UP),
     ("Based on the reasoning above, MYC expression is likely to decrease.\n", DOWN),
     ("Downregulated\nExplanation: because RPL7 knockdown lowers ribosome biogenesis ...", DOWN),

@@ -155,7 +155,8 @@ def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def subsample(pairs: pd.DataFrame, fraction: float | None = None, limit: int | None = None, seed: int = 0, stratify: bool = True) -> pd.DataFrame:
-    """A seeded sample of the rows: round(fraction * n) rows, at most `limit`, in original order.
+    """A seeded sample of the rows: round(fraction * n) rows, at most `limit`, in original order
+    (index kept).
 
     With `stratify` every (cell_line, split, label) stratum keeps its share (to within one row),
     so class balance and the train/test and cell-line mix are those of the input.
@@ -177,14 +178,19 @@ def subsample(pairs: pd.DataFrame, fraction: float | None = None, limit: int | N
         chosen = np.concatenate([rng.choice(g, size=q, replace=False) for g, q in zip(groups, quota)])
     else:
         chosen = rng.choice(len(pairs), size=n, replace=False)
-    return pairs.iloc[np.sort(chosen)].reset_index(drop=True)
+    return pairs.iloc[np.sort(chosen)]
 
 
 def build_split(data_cfg: DataConfig) -> pd.DataFrame:
-    """Load, split and subsample as the DataConfig says (the one call stages use)."""
-    pairs = load_pairs(data_cfg.cell_lines, data_cfg.data_dir)
-    pairs = apply_split(pairs, data_cfg.split)
-    out = subsample(pairs, data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
+    """Load and split as the DataConfig says; fraction/limit subsample the TRAINING rows only.
+
+    The training sample is what the teacher sees; the test rows stay whole (evaluation samples
+    them itself, see evaluate.limit), so a smoke-sized run is still scored on the real test set.
+    """
+    pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
+    is_train = (pairs["split"] == "train").to_numpy()
+    train = subsample(pairs[is_train], data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
+    out = pd.concat([train, pairs[~is_train]]).sort_index(kind="stable").reset_index(drop=True)
     out.attrs["split"] = data_cfg.split
     return out
 
