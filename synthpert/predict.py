@@ -41,6 +41,13 @@ def label_probabilities(choice_logprobs: dict[str, float]) -> dict[str, float]:
     return {name: w / total for name, w in zip(PROBS, weights)}
 
 
+def one_hot(answer: str | None) -> dict[str, float]:
+    """Scores from a hard answer alone (uniform when there is none): AUROC then sees only ranks 0/1."""
+    if answer is None:
+        return dict.fromkeys(PROBS, 1 / 3)
+    return {name: float(label == answer) for name, label in zip(PROBS, LABELS)}
+
+
 def answer_prefix(text: str) -> str:
     """The model's output up to and including `<answer>`, where the label is to be scored."""
     cut = text.find(ANSWER_OPEN)
@@ -59,9 +66,10 @@ class PredictActor(LLMActor):
         *((name, pa.float64()) for name in PROBS),
     ]
 
-    def __init__(self, *, mode: str, **kwargs: Any):
+    def __init__(self, *, mode: str, score: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
         self.mode = mode
+        self.score = score  # False: an endpoint without guided_choice scoring (e.g. OpenAI)
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any]:
         messages = prompts.student_messages(row, row["context"] or None, mode=self.mode)
@@ -75,6 +83,8 @@ class PredictActor(LLMActor):
             output = first.text
             answer = prompts.parse_answer(output)
             prefix = answer_prefix(output)
+            if not self.score:
+                return self._row(row, first, output=output, answer=answer, probs=one_hot(answer), parsed=answer is not None)
         scored = await self.client.complete(
             [*messages, {"role": "assistant", "content": prefix}], scope | {"step": "score"}, extra_body=GUIDED
         )
@@ -120,7 +130,7 @@ def test_tuples(cfg: Config) -> pd.DataFrame:
 
 
 def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_url: str, mode: str, output_dir: str | Path,
-            api_key=None, progress: bool = True) -> pd.DataFrame:
+            api_key=None, score: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run one model over `tuples`; write `predictions.parquet` + manifest to `output_dir`."""
     import ray.data
 
@@ -132,7 +142,7 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     ds = ray.data.from_pandas([tuples.iloc[i : i + size] for i in range(0, len(tuples), size)])
     ds = map_with_actors(
         ds, PredictActor, endpoint, cfg.generate.actors, size,
-        base_url=base_url, api_key=api_key, cache_path=output / "calls.sqlite", mode=mode,
+        base_url=base_url, api_key=api_key, cache_path=output / "calls.sqlite", mode=mode, score=score,
     )
     frame = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
     if len(frame) != len(tuples):
