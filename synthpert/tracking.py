@@ -190,5 +190,5 @@ def promote_if_better(name: str, version: str, score: float, alias: str, tags: d
     promote = holder is None or not held == held or score > held  # held != held: NaN, an unscored holder
     if promote:
         client.set_registered_model_alias(name, alias, version)
-    return {"name": name, "version": version, "score": score, "previous": None if holder is None else holder.version,
+    return {"name": name, "version": version, "score": score, "previous": None if holder is None else str(holder.version),
             "previous_score": held, "promoted": promote, "uri": f"models:/{name}@{alias}"}
