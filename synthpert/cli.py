@@ -161,6 +161,27 @@ def pipeline(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt, json_
         emit_json(result)
 
 
+@app.command("serve")
+def serve_cmd(
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c",
+        help="A synthpert config file, or a Ray Serve config file (e.g. serve/local.yaml, run as `serve run` would).",
+    ),
+    set_: list[str] = SetOpt,
+    port: Optional[int] = typer.Option(None, "--port", help="HTTP port (default: serve.port, or the Serve file's)."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH_OR_URI: serve a LoRA adapter (repeatable)."),
+) -> None:
+    """Serve the base model and adapters over an OpenAI-compatible API until SIGINT/SIGTERM."""
+    from synthpert.serving.adapters import parse_adapter_specs
+    from synthpert.serving.launch import is_serve_config_file, serve_until_stopped
+
+    adapters = parse_adapter_specs(adapter)
+    if is_serve_config_file(config):
+        serve_until_stopped(None, config_file=config, port=port, adapters=adapters, on_ready=emit_json)
+    else:
+        serve_until_stopped(resolve(config, set_, **{"serve.port": port}).serve, adapters=adapters, on_ready=emit_json)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit code 2.
 

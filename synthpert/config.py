@@ -135,21 +135,31 @@ class TrainConfig(Section):
 
 
 class ServeConfig(Section):
+    """The OpenAI-compatible endpoint (synthpert.serving). Replica/queue knobs are Serve's own;
+    a Serve config file under serve/ may override them per deployment."""
+
     engine: Literal["transformers", "vllm"] = "transformers"
     model: str | None = None  # local path; None: the embedded model
     served_model_name: str = "base"
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> local dir or models:/NAME@ALIAS
-    max_adapters_per_replica: int = 4
+    max_adapters_per_replica: int = Field(4, ge=1)  # LRU of loaded adapters per replica
+    max_lora_rank: int = Field(64, ge=1)  # vllm: the largest adapter rank it can load
     host: str = "127.0.0.1"
-    port: int = 8000
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 16
-    max_ongoing_requests: int = 64
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.05
-    max_model_len: int = 2048
-    api_key_env: str = "SYNTHPERT_API_KEY"
+    port: int = Field(8000, ge=0, le=65535)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)  # per engine replica
+    max_queued_requests: int = Field(64, ge=-1)  # beyond ongoing + queued: 503 with Retry-After (-1: no limit)
+    retry_after_s: float = Field(1.0, ge=0)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_batch_size: int = Field(16, ge=1)  # transformers: dynamic batching (1 = off)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_model_len: int = Field(2048, ge=16)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: extra engine args (dtype, tensor_parallel_size, ...)
+    api_key_env: str = "SYNTHPERT_API_KEY"  # the NAME of the env var; unset/empty = no auth
 
 
 class EvaluateConfig(Section):

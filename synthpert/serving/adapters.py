@@ -1,0 +1,76 @@
+"""Where a served LoRA adapter comes from: a local PEFT folder or an MLflow model URI.
+
+`resolve_adapter(ref)` is the one hook every engine calls before loading an adapter, so new
+sources (a registry, object storage) are added here and nowhere else.
+
+Registry layout (written by the train/pipeline stage): `models:/NAME@ALIAS` (or
+`models:/NAME/VERSION`) is a pyfunc model whose artifacts hold the PEFT adapter folder under the
+artifact key `adapter`; it is downloaded into the synthpert cache and the adapter is found by its
+`adapter_config.json` (the folder named `adapter` first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from synthpert.errors import SynthPertError
+from synthpert.models import cache_dir
+from synthpert.serving.protocol import APIError
+
+ADAPTER_CONFIG = "adapter_config.json"
+REGISTRY_PREFIX = "models:/"
+
+
+def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`NAME=PATH_OR_URI` strings (CLI --adapter) -> {name: ref}."""
+    out = {}
+    for spec in specs:
+        name, sep, ref = spec.partition("=")
+        if not sep or not name.strip() or not ref.strip():
+            raise SynthPertError(f"--adapter {spec!r} is not of the form NAME=PATH_OR_URI")
+        out[name.strip()] = ref.strip()
+    return out
+
+
+def check_adapter_names(adapters: dict[str, str], served_model_name: str) -> None:
+    """Adapter names must not shadow the base model's name (the request's `model` picks one)."""
+    if served_model_name in adapters:
+        raise SynthPertError(f"adapter name {served_model_name!r} clashes with serve.served_model_name")
+    for name in adapters:
+        if not name or any(c.isspace() for c in name) or ":" in name:
+            raise SynthPertError(f"adapter name {name!r} must be non-empty, without spaces or ':'")
+
+
+def resolve_adapter(ref: str) -> Path:
+    """A local PEFT adapter folder for a config value (local path or `models:/…` URI)."""
+    if ref.startswith(REGISTRY_PREFIX):
+        return _from_registry(ref)
+    path = Path(ref).expanduser()
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise SynthPertError(f"adapter path {path} is not a PEFT adapter folder (no {ADAPTER_CONFIG} there)")
+    return path
+
+
+def _from_registry(uri: str) -> Path:
+    """Download a registered model (fresh each time: an alias may point elsewhere by now)."""
+    import tempfile
+
+    import mlflow
+
+    root = cache_dir() / "adapters"
+    root.mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="registry-", dir=root))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
+    except Exception as exc:  # mlflow raises several types; all mean "cannot fetch"
+        raise SynthPertError(f"cannot download adapter {uri}: {exc}") from exc
+    found = sorted(target.rglob(ADAPTER_CONFIG), key=lambda p: (p.parent.name != "adapter", len(p.parts)))
+    if not found:
+        raise SynthPertError(f"registered model {uri} holds no PEFT adapter ({ADAPTER_CONFIG} not found)")
+    return found[0].parent
+
+
+def load_error(name: str, exc: BaseException) -> APIError:
+    """A failed adapter load fails that request only; the base model and other adapters stay up."""
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return APIError(500, f"adapter {name!r} could not be loaded: {reason}", type_="adapter_load_error")

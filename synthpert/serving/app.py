@@ -1,0 +1,244 @@
+"""The OpenAI-compatible Ray Serve application: one FastAPI ingress in front of one engine.
+
+    client --HTTP--> OpenAIIngress (auth, validation, chat template, guided_choice, errors)
+                        --handle, multiplexed_model_id=<adapter>--> engine deployment
+                           HFServer (transformers, @serve.batch)  or  VllmServer (ray.serve.llm)
+
+The ingress does everything that must behave the same whatever the engine: the model list,
+API-key auth, OpenAI-style errors, the context-length check, and `guided_choice` (scored through
+the engine's `loglikelihoods`). Engines implement three methods: `complete(body, prompt_ids)`,
+`complete_stream(body, prompt_ids)` (SSE lines) and `loglikelihoods(model, pairs)`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from synthpert.config import ServeConfig, load_config
+from synthpert.models import resolve_model
+from synthpert.serving.adapters import check_adapter_names
+from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, sse
+
+# no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
+api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def context_length(model_dir: Path, max_model_len: int) -> int:
+    """The usable context: the configured length, capped by the model's position embeddings."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return min(max_model_len, config.get("max_position_embeddings") or max_model_len)
+
+
+def prepare(body: Any, tokenizer: Any, max_model_len: int,
+            known_models: list[str] | None = None) -> tuple[ChatRequest, str, list[int]]:
+    """Validate a request body, render its prompt and check it fits the context.
+
+    Returns the request (max_tokens filled in when absent), the prompt text and its token ids.
+    """
+    try:
+        req = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        raise APIError(400, _validation_message(exc)) from None
+    if known_models is not None and req.model not in known_models:
+        raise APIError(404, f"model {req.model!r} does not exist; available: {', '.join(known_models)}",
+                       param="model", type_="not_found_error")
+    text = req.prompt_text(tokenizer)
+    prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+    room = max_model_len - len(prompt_ids)
+    if room <= 0 or (req.token_limit or 0) > room:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{len(prompt_ids)} and max_tokens asks for {req.token_limit or 'at least 1'} more",
+                       param="messages")
+    if req.token_limit is None:
+        req.max_tokens = room
+    return req, text, prompt_ids
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+    return "invalid request: " + "; ".join(parts)
+
+
+@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class OpenAIIngress:
+    def __init__(self, server: DeploymentHandle, serve_cfg: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        cfg = ServeConfig.model_validate(serve_cfg)
+        model_dir = resolve_model(cfg.model)
+        self.cfg, self.server = cfg, server
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = context_length(model_dir, cfg.max_model_len)
+        self.created = int(time.time())
+        # read in the replica: the key reaches it through the cluster's environment, never the config
+        self.api_key = os.environ.get(cfg.api_key_env) or None
+
+    def _authorize(self, request: Request) -> None:
+        """Constant-time check of `Authorization: Bearer <key>` when a key is configured."""
+        if self.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                           type_="authentication_error")
+
+    # ---- routes ---------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Any:
+        try:
+            self._authorize(request)
+        except APIError as exc:
+            return _error(exc)
+        base = self.cfg.served_model_name
+        cards = [{"id": base, "object": "model", "created": self.created, "owned_by": "synthpert",
+                  "root": base, "parent": None, "max_model_len": self.max_model_len}]
+        cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "synthpert",
+                   "root": name, "parent": base, "max_model_len": self.max_model_len}
+                  for name in self.cfg.adapters]
+        return {"object": "list", "data": cards}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        try:
+            return await self._chat(request)
+        except BackPressureError as exc:
+            retry = max(1, math.ceil(self.cfg.retry_after_s))
+            return _error(APIError(503, f"the server is at capacity, retry in {retry} s ({exc.message})",
+                                   type_="server_overloaded", headers={"Retry-After": str(retry)}))
+        except Exception as exc:
+            cause = getattr(exc, "cause", exc)  # engine errors arrive wrapped in RayTaskError
+            if isinstance(cause, APIError):
+                return _error(cause)
+            raise
+
+    # ---- work -----------------------------------------------------------------------------
+    def _known_models(self) -> list[str]:
+        return [self.cfg.served_model_name, *self.cfg.adapters]
+
+    async def _chat(self, request: Request) -> Any:
+        self._authorize(request)
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        req, text, prompt_ids = prepare(body, self.tokenizer, self.max_model_len, self._known_models())
+        adapter = "" if req.model == self.cfg.served_model_name else req.model
+        server = self.server.options(multiplexed_model_id=adapter)
+        if req.guided_choice:
+            return await self._guided(req, text, prompt_ids, server)
+        body = req.model_dump(exclude_none=True)
+        if req.stream:
+            lines = server.options(stream=True).complete_stream.remote(body, prompt_ids)
+            first = await lines.__anext__()  # surfaces load/backpressure errors as a proper status
+
+            async def rest() -> Any:
+                yield first
+                async for line in lines:
+                    yield line
+
+            return StreamingResponse(rest(), media_type="text/event-stream")
+        return JSONResponse(await server.complete.remote(body, prompt_ids))
+
+    async def _guided(self, req: ChatRequest, text: str, prompt_ids: list[int], server: DeploymentHandle) -> Any:
+        """Score every choice as a continuation of the prompt; answer with the likeliest (or a sample)."""
+        pairs = []
+        for choice in req.guided_choice or []:
+            full = self.tokenizer(text + choice, add_special_tokens=False).input_ids
+            shared = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), len(prompt_ids)))
+            shared = min(shared, len(full) - 1)  # a non-empty choice always adds at least one token
+            if len(full) > self.max_model_len:
+                raise APIError(400, f"prompt plus choice {choice!r} exceeds the context of {self.max_model_len} tokens")
+            pairs.append((full[:shared], full[shared:]))
+        scores = await server.loglikelihoods.remote(req.model, pairs)
+        choices = req.guided_choice or []
+        if req.temperature == 0:
+            picks = [max(range(len(scores)), key=scores.__getitem__)] * req.n
+        else:
+            top = max(scores)
+            weights = [math.exp((s - top) / req.temperature) for s in scores]
+            picks = random.Random(req.seed).choices(range(len(choices)), weights=weights, k=req.n)
+        deltas = [Delta(i, choices[c], len(pairs[c][1]), [], "stop") for i, c in enumerate(picks)]
+        extra = {"choice_logprobs": dict(zip(choices, scores))}
+
+        async def once() -> Any:
+            yield deltas
+
+        if req.stream:
+            return StreamingResponse(sse(once(), req, len(prompt_ids), **extra), media_type="text/event-stream")
+        return JSONResponse(await assemble(once(), req, len(prompt_ids), **extra))
+
+
+# ---- building and running the application -------------------------------------------------
+def code_env() -> dict[str, Any]:
+    """Ray workers import synthpert from where this process did (works from a source checkout)."""
+    return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
+
+
+def engine_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve options of the engine deployment (a Serve config file may override them)."""
+    return {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "max_queued_requests": cfg.max_queued_requests,
+        "autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                               "target_ongoing_requests": cfg.target_ongoing_requests},
+    }
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    """The bound application for a ServeConfig: ingress + the configured engine."""
+    check_adapter_names(cfg.adapters, cfg.served_model_name)
+    dumped = cfg.model_dump(mode="json")
+    if cfg.engine == "vllm":
+        from synthpert.serving.vllm_engine import build_vllm_server
+
+        server = build_vllm_server(cfg, engine_options(cfg), code_env())
+    else:
+        from synthpert.serving.hf_engine import HFServer
+
+        actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0, "runtime_env": code_env()}
+        server = serve.deployment(HFServer, name="HFServer", ray_actor_options=actor, **engine_options(cfg)).bind(dumped)
+    ingress = OpenAIIngress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                                    ray_actor_options={"num_cpus": 0, "runtime_env": code_env()})
+    return ingress.bind(server, dumped)
+
+
+def config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """The ServeConfig for a Serve config file's `args`: `config` (a synthpert YAML file or null),
+    `set` (dotted overrides), `adapters` ({name: local dir or models:/ URI})."""
+    cfg = load_config(args.get("config"), list(args.get("set") or [])).serve
+    cfg.adapters = {**cfg.adapters, **(args.get("adapters") or {})}
+    return cfg
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Entry for Serve config files: `import_path: synthpert.serving.app:app_builder`."""
+    return build_app(config_from_args(args))
+
+
+def cluster_cpus(cfg: ServeConfig) -> int:
+    """Logical CPUs a local cluster needs so every replica can be scheduled (vLLM adds one per replica)."""
+    per_replica = cfg.cpus_per_replica + (1 if cfg.engine == "vllm" else 0)
+    return max(os.cpu_count() or 1, math.ceil(per_replica * cfg.max_replicas))

@@ -1,0 +1,176 @@
+"""Starting the endpoint: `running()` for other stages and tests, and the `synthpert serve` command.
+
+Ray is joined if this process is already connected (or RAY_ADDRESS names a cluster); otherwise a
+private local cluster is started (address="local": never another user's cluster). The HTTP proxy
+binds loopback only unless a config says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synthpert.config import ServeConfig
+from synthpert.errors import SynthPertError
+from synthpert.serving.app import build_app, cluster_cpus, code_env, config_from_args
+
+APP_NAME = "synthpert"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _ray(cfg: ServeConfig) -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    extra = {"num_cpus": cluster_cpus(cfg), "object_store_memory": 300 * 2**20} if address == "local" else {}
+    ray.init(address=address, include_dashboard=False, runtime_env=code_env(), **extra)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _proxy_url() -> str:
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "127.0.0.1", "localhost") else http.host
+    return f"http://{host}:{http.port}"
+
+
+@contextlib.contextmanager
+def _serve(host: str, port: int) -> Iterator[None]:
+    """Start Serve's HTTP proxy if it is not running yet; shut it down again only if we started it."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        _get_global_client()
+        started = False
+    except RayServeException:
+        serve.start(http_options={"host": host, "port": port})
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            serve.shutdown()
+
+
+@contextlib.contextmanager
+def running(serve_cfg: ServeConfig, name: str = APP_NAME) -> Iterator[str]:
+    """Serve `serve_cfg` while the block runs; yields the OpenAI base URL (".../v1").
+
+    Uses the current Ray cluster (or starts a local one) and a free loopback port when this call
+    starts Serve. The application is routed under `/<name>`, so several can run side by side.
+    """
+    from ray import serve
+
+    with _ray(serve_cfg), _serve("127.0.0.1", free_port()):
+        serve.run(build_app(serve_cfg), name=name, route_prefix=f"/{name}")
+        try:
+            yield f"{_proxy_url()}/{name}/v1"
+        finally:
+            serve.delete(name)
+
+
+def is_serve_config_file(path: Path | None) -> bool:
+    """A Ray Serve config file (has `applications:`), as opposed to a synthpert config file."""
+    if path is None or not path.is_file():
+        return False
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SynthPertError(f"config file {path} is not valid YAML: {exc}") from exc
+    return isinstance(tree, dict) and "applications" in tree
+
+
+def serve_config_file(path: Path, port: int | None, adapters: dict[str, str]) -> Any:
+    """A Serve config file as a ServeDeploySchema, with --port and --adapter applied."""
+    from ray.serve.schema import ServeDeploySchema
+
+    tree = yaml.safe_load(path.read_text())
+    if port is not None:
+        tree.setdefault("http_options", {})["port"] = port
+    for application in tree.get("applications") or []:
+        if adapters:
+            args = application.setdefault("args", {}) or {}
+            args["adapters"] = {**(args.get("adapters") or {}), **adapters}
+            application["args"] = args
+    try:
+        return ServeDeploySchema.model_validate(tree)
+    except Exception as exc:
+        raise SynthPertError(f"Serve config file {path} is invalid: {exc}") from exc
+
+
+def _wait_running(names: list[str], timeout_s: float) -> None:
+    """Block until every application is RUNNING; fail clearly when one cannot deploy."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        failed = {n: apps[n].message for n, st in states.items() if st == "DEPLOY_FAILED"}
+        if failed:
+            raise SynthPertError(f"Serve could not deploy: {failed}")
+        if all(st == "RUNNING" for st in states.values()):
+            return
+        time.sleep(1.0)
+    raise SynthPertError(f"Serve applications {names} were not running after {timeout_s:.0f} s")
+
+
+def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None, port: int | None = None,
+                        adapters: dict[str, str] | None = None, on_ready: Any = print,
+                        timeout_s: float = 1800) -> None:
+    """`synthpert serve`: run until SIGINT/SIGTERM. A Serve config file is deployed exactly as
+    `serve run FILE` deploys it (its per-deployment overrides apply); otherwise `cfg` is served."""
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    adapters = adapters or {}
+    schema = serve_config_file(config_file, port, adapters) if config_file else None
+    if schema is not None:
+        cfg = config_from_args(schema.applications[0].args or {})
+        host, port = schema.http_options.host, schema.http_options.port
+    else:
+        assert cfg is not None
+        cfg.adapters = {**cfg.adapters, **adapters}
+        host, port = cfg.host, cfg.port if port is None else port
+    with _ray(cfg), _serve(host, port):
+        if schema is not None:
+            from ray.serve._private.api import serve_start
+
+            serve_start().deploy_apps(schema)  # the call `serve run FILE` makes
+            names = [a.name for a in schema.applications]
+            prefixes = [a.route_prefix or "/" for a in schema.applications]
+        else:
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+            names, prefixes = [APP_NAME], ["/"]
+        _wait_running(names, timeout_s)
+        base = _proxy_url()
+        on_ready({"base_urls": [f"{base}{p.rstrip('/')}/v1" for p in prefixes], "applications": names})
+        stop.wait()
+        for name in names:
+            serve.delete(name)

@@ -1,0 +1,243 @@
+"""The OpenAI chat-completions wire format we accept and emit, plus our two extensions.
+
+Extensions (sent by the `openai` client in `extra_body`, as vLLM names them):
+- `guided_choice: [str, ...]`: the answer is exactly one of the strings, picked by the model's
+  likelihood of each string as a continuation of the prompt (argmax at temperature 0, else
+  sampled from softmax(loglik / temperature)). The response then carries `choice_logprobs`:
+  `{choice: summed token log-probability}`, the scores the pick was made from.
+- `continue_final_message: true`: a trailing assistant message is continued (no new turn).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+
+
+class APIError(Exception):
+    """An error the client sees as OpenAI-style JSON with an HTTP status (picklable: it crosses
+    from engine replicas to the ingress)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status, message, type_, param, headers)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class ChatRequest(BaseModel):
+    """A chat completion request. Unknown fields are rejected (400), so a typo is never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # accepted for client compatibility; only their neutral value is supported
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    # extensions (extra_body)
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes at most 4 non-empty strings")
+        return stops
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (any(not c for c in value) or len(set(value)) != len(value)):
+            raise ValueError("guided_choice must hold distinct non-empty strings")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        if self.continue_final_message:
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be from the assistant")
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def prompt_text(self, tokenizer: Any) -> str:
+        """The chat template applied as vLLM does (a trailing assistant message may be continued)."""
+        add = self.add_generation_prompt
+        if add is None:
+            add = not self.continue_final_message
+        return tokenizer.apply_chat_template(self.chat_messages(), tokenize=False, add_generation_prompt=add,
+                                             continue_final_message=self.continue_final_message)
+
+    def sampling(self) -> "Sampling":
+        """Engine sampling parameters (max_tokens must have been filled in by the ingress)."""
+        assert self.token_limit is not None
+        return Sampling(max_tokens=self.token_limit, temperature=self.temperature, top_p=self.top_p, n=self.n,
+                        stop=list(self.stop or []), seed=self.seed, logprobs=self.logprobs,
+                        top_logprobs=self.top_logprobs or 0)
+
+
+@dataclass
+class Sampling:
+    """Engine-level sampling parameters for one prompt (n completions)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_openai(self) -> dict[str, Any]:
+        def entry(tok: str, lp: float) -> dict[str, Any]:
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8", "replace"))}
+
+        return {**entry(self.token, self.logprob), "top_logprobs": [entry(t, lp) for t, lp in self.top]}
+
+
+@dataclass
+class Delta:
+    """A piece of one completion (index < n): new text, its token logprobs, and the end reason."""
+
+    index: int
+    text: str = ""
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                    completion_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens), **extra}
+
+
+def chunk_body(rid: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices, **extra}
+
+
+def choice_body(index: int, text: str, finish_reason: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": None if logprobs is None else {"content": [lp.to_openai() for lp in logprobs]},
+            "finish_reason": finish_reason}
+
+
+async def assemble(stream: AsyncIterator[list[Delta]], req: ChatRequest, prompt_tokens: int,
+                   **extra: Any) -> dict[str, Any]:
+    """A non-streaming response from the engine's deltas."""
+    texts: list[list[str]] = [[] for _ in range(req.n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(req.n)]
+    finish: list[str | None] = [None] * req.n
+    tokens = 0
+    async for deltas in stream:
+        for d in deltas:
+            texts[d.index].append(d.text)
+            logprobs[d.index].extend(d.logprobs)
+            tokens += d.tokens
+            finish[d.index] = d.finish_reason or finish[d.index]
+    choices = [choice_body(i, "".join(texts[i]), finish[i], logprobs[i] if req.logprobs else None) for i in range(req.n)]
+    return completion_body(new_id(), req.model, choices, prompt_tokens, tokens, **extra)
+
+
+def sse_line(obj: dict[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+async def sse(stream: AsyncIterator[list[Delta]], req: ChatRequest, prompt_tokens: int,
+              **extra: Any) -> AsyncIterator[str]:
+    """Server-sent events: a role chunk, content chunks, then a usage chunk (always), then [DONE]."""
+    rid = new_id()
+    first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+             for i in range(req.n)]
+    yield sse_line(chunk_body(rid, req.model, first))
+    tokens = 0
+    async for deltas in stream:
+        choices = []
+        for d in deltas:
+            tokens += d.tokens
+            if d.text or d.finish_reason or (req.logprobs and d.logprobs):
+                choices.append({"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                "logprobs": {"content": [lp.to_openai() for lp in d.logprobs]} if req.logprobs else None,
+                                "finish_reason": d.finish_reason})
+        if choices:
+            yield sse_line(chunk_body(rid, req.model, choices))
+    yield sse_line(chunk_body(rid, req.model, [], usage=usage(prompt_tokens, tokens), **extra))
+    yield sse_line("[DONE]")

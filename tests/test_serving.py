@@ -1,0 +1,200 @@
+"""The OpenAI-compatible endpoint on real Ray Serve (transformers engine, embedded SmolLM2),
+driven over loopback HTTP by the official `openai` client. Serve starts once for the module,
+with an API key in the environment (so every request here also proves auth works)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from synthpert.config import ServeConfig
+from tests.serving_util import make_lora_adapters
+
+KEY = "test-key-not-a-secret"
+LABELS = ["upregulated", "downregulated", "not differentially expressed"]
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, embedded_model):
+    root = tmp_path_factory.mktemp("adapters")
+    ad1, ad2 = make_lora_adapters(embedded_model, [root / "ad1", root / "ad2"])
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    return {"ad1": str(ad1), "ad2": str(ad2), "broken": str(broken)}
+
+
+@pytest.fixture(scope="module")
+def endpoint(adapters):
+    from synthpert.serving import running
+
+    cfg = ServeConfig(adapters=adapters, max_adapters_per_replica=2, max_batch_size=16, max_ongoing_requests=24,
+                      max_queued_requests=16, retry_after_s=2)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SYNTHPERT_API_KEY", KEY)  # replicas inherit it from the cluster this starts
+        with running(cfg) as base_url:
+            yield base_url
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    return openai.OpenAI(base_url=endpoint, api_key=KEY, max_retries=0, timeout=300)
+
+
+def chat(client, model="base", messages=QUESTION, **kwargs):
+    kwargs.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model=model, messages=messages, **kwargs)
+
+
+def test_model_list_names_base_and_adapters(client):
+    assert [m.id for m in client.models.list().data] == ["base", "ad1", "ad2", "broken"]
+
+
+def test_chat_completion_has_text_and_usage(client):
+    out = chat(client, temperature=0)
+    assert out.object == "chat.completion" and out.model == "base"
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content.strip()
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.prompt_tokens > 5 and 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_same_seed_same_text_and_stop_strings(client):
+    one, two = (chat(client, temperature=1.0, seed=7, max_tokens=16).choices[0].message.content for _ in range(2))
+    assert one == two
+    greedy = chat(client, temperature=0, max_tokens=30).choices[0].message.content
+    cut = greedy.split()[2]
+    stopped = chat(client, temperature=0, max_tokens=30, stop=[cut]).choices[0]
+    assert stopped.finish_reason == "stop" and cut not in stopped.message.content
+    assert greedy.startswith(stopped.message.content)
+
+
+def test_streaming_matches_non_streaming(client):
+    full = chat(client, temperature=0, max_tokens=16).choices[0].message.content
+    chunks = list(chat(client, temperature=0, max_tokens=16, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_n_completions_differ_under_sampling(client):
+    out = chat(client, n=3, temperature=1.0, seed=3, max_tokens=16)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) > 1
+    assert out.usage.completion_tokens >= 3  # summed over the three completions
+
+
+def test_logprobs_and_top_logprobs(client):
+    out = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3).choices[0]
+    entries = out.logprobs.content
+    assert len(entries) == 6 or out.finish_reason == "stop"
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+    assert "".join(e.token for e in entries) == out.message.content
+
+
+def test_guided_choice_is_always_a_member_with_scores(client):
+    messages = [{"role": "user", "content": "After knocking down gene A in K562 cells, is gene B up, down or unchanged?"},
+                {"role": "assistant", "content": "<think>It is hard to say.</think><answer>"}]
+    seen = set()
+    for seed in range(4):
+        out = chat(client, messages=messages, temperature=1.0, seed=seed,
+                   extra_body={"guided_choice": LABELS, "continue_final_message": True, "add_generation_prompt": False})
+        answer = out.choices[0].message.content
+        assert answer in LABELS
+        scores = out.model_extra["choice_logprobs"]
+        assert set(scores) == set(LABELS) and all(s < 0 for s in scores.values())
+        seen.add(answer)
+    greedy = chat(client, messages=messages, temperature=0,
+                  extra_body={"guided_choice": LABELS, "continue_final_message": True})
+    scores = greedy.model_extra["choice_logprobs"]
+    assert greedy.choices[0].message.content == max(scores, key=scores.get)
+
+
+def test_guided_choice_streams_one_answer(client):
+    chunks = list(chat(client, stream=True, temperature=0, extra_body={"guided_choice": ["yes", "no"]}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) in ("yes", "no")
+
+
+def test_adapters_change_output_and_share_one_replica(client):
+    outs = {m: chat(client, model=m, temperature=0, max_tokens=20, logprobs=True) for m in ("base", "ad1", "ad2")}
+    texts = {m: o.choices[0].message.content for m, o in outs.items()}
+    assert texts["ad1"] != texts["base"] and texts["ad2"] != texts["base"] and texts["ad1"] != texts["ad2"]
+    # back to the first adapter (LRU of 2 per replica): same output as before
+    assert chat(client, model="ad1", temperature=0, max_tokens=20).choices[0].message.content == texts["ad1"]
+
+
+def test_broken_adapter_fails_alone(client):
+    with pytest.raises(openai.InternalServerError) as err:
+        chat(client, model="broken")
+    assert "broken" in err.value.message
+    assert chat(client, temperature=0).choices[0].message.content  # the base model is still up
+    assert chat(client, model="ad2", temperature=0).choices[0].message.content
+
+
+def test_unknown_model_is_404_listing_models(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(client, model="nope")
+    assert "nope" in err.value.message and "ad1" in err.value.message and "base" in err.value.message
+
+
+@pytest.mark.parametrize("bad", [{"temperature": 5}, {"n": 0}, {"top_logprobs": 2}, {"bogus_param": 1},
+                                 {"extra_body": {"guided_choice": []}}])
+def test_bad_parameters_are_400(client, bad):
+    kwargs = dict(bad.pop("extra_body", {}))
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, extra_body={**kwargs, **bad})
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, messages=[{"role": "user", "content": "gene " * 3000}])
+    assert "context" in err.value.message
+
+
+def test_malformed_body_is_400_json(endpoint):
+    r = httpx.post(f"{endpoint}/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_auth_required_except_healthz(endpoint):
+    assert httpx.get(f"{endpoint.removesuffix('/v1')}/healthz").status_code == 200
+    assert httpx.get(f"{endpoint}/models").status_code == 401
+    assert httpx.get(f"{endpoint}/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=endpoint, api_key="wrong", max_retries=0).models.list()
+
+
+def test_32_concurrent_requests_all_answered(endpoint):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=endpoint, api_key=KEY, max_retries=0, timeout=300)
+        outs = await asyncio.gather(*[
+            client.chat.completions.create(model="base", max_tokens=8, temperature=0, messages=[
+                {"role": "user", "content": f"Say the number {i}."}]) for i in range(32)])
+        await client.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert len(outs) == 32 and all(o.choices[0].message.content for o in outs)
+
+
+def test_over_capacity_is_503_with_retry_after(endpoint):
+    async def main():
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as http:
+            body = {"model": "base", "max_tokens": 16, "messages": QUESTION}
+            return await asyncio.gather(*[http.post(f"{endpoint}/chat/completions", json=body) for _ in range(80)])
+
+    responses = asyncio.run(main())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 24 and codes.count(503) >= 20, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "2" and "capacity" in json.loads(rejected.text)["error"]["message"]
