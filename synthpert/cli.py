@@ -182,6 +182,40 @@ def serve_cmd(
         serve_until_stopped(resolve(config, set_, **{"serve.port": port}).serve, adapters=adapters, on_ready=emit_json)
 
 
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Traces directory holding sft.parquet (generate/judge output)."),
+    mode: str = typer.Option(..., "--mode", help="cot: the kept reasoning traces; raw: <answer>label</answer> only."),
+    output: Path = typer.Option(..., "--output", help="Run directory: adapter/, checkpoints under ray/, manifest.json."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Local HF model dir (default: embedded SmolLM2)."),
+    zero_stage: Optional[int] = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage: 2 or 3."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Ray Train workers."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (instead of --epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --max-steps)."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its latest checkpoint."),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """LoRA fine-tuning on Ray Train + DeepSpeed ZeRO; writes OUTPUT/adapter (a PEFT dir)."""
+    from synthpert.train import train
+
+    if max_steps is not None and epochs is not None:
+        raise SynthPertError("give --max-steps or --epochs, not both")
+    overrides = [*set_, "train.max_steps=null"] if epochs is not None else set_
+    flags = {"mode": mode, "base_model": base_model, "zero_stage": zero_stage, "num_workers": num_workers,
+             "max_steps": max_steps, "epochs": epochs, "lora_r": lora_r, "output_dir": output}
+    cfg = resolve(config, overrides, **{f"train.{k}": v for k, v in flags.items()})
+    summary = train(cfg, data, output, resume=resume)
+    typer.echo(
+        f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
+        f"{summary['tokens_per_s']:.0f} tokens/s; adapter at {summary['adapter_path']}"
+    )
+    if json_:
+        emit_json(summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit code 2.
 

@@ -127,8 +127,14 @@ class TrainConfig(Section):
     offload_optimizer: bool = False
     offload_params: bool = False
     validation_fraction: float = 0.1
-    checkpoint_every_steps: int | None = None
+    checkpoint_every_steps: int | None = None  # None: a checkpoint at the end of every epoch
+    checkpoints_to_keep: int = 2
     max_failures: int = 1
+    # "torch": torch AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam /
+    # DeepSpeedCPUAdam (JIT-built with ninja on first use, the faster choice with optimizer offload)
+    optimizer: Literal["torch", "deepspeed"] = "torch"
+    gradient_checkpointing: bool = False
+    log_every_steps: int = 1
     seed: int = 0
     registered_model_name: str | None = "synthpert-student"
     output_dir: Path = Path("runs/train")

@@ -19,6 +19,7 @@ from synthpert.config import Config, TrackingConfig
 PARENT_ENV = "SYNTHPERT_PARENT_RUN_ID"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 REDACTED = "***"
+ADAPTER_ARTIFACT = "adapter"  # artifact key (and logged model name) of a PEFT adapter model
 
 
 def setup(cfg: TrackingConfig) -> None:
@@ -192,3 +193,137 @@ def promote_if_better(name: str, version: str, score: float, alias: str, tags: d
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "score": score, "previous": None if holder is None else str(holder.version),
             "previous_score": held, "promoted": promote, "uri": f"models:/{name}@{alias}"}
+
+
+def portable_uri(uri: str) -> str:
+    """The tracking URI with a relative sqlite/file path made absolute, valid from any cwd (Ray workers)."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme) and not uri[len(scheme) :].startswith("/"):
+            return scheme + str(Path(uri[len(scheme) :]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+class RunLogger:
+    """Metrics into an existing run from another process (a Ray Train worker), without opening or
+    closing it: the driver owns the run's lifecycle."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+def _adapter_pyfunc():
+    """A pyfunc model class: base model (a reference, loaded at serve time) + PEFT adapter artifact.
+
+    Not `mlflow.transformers`: that saves a PeftModel's base weights under LoRA-wrapped names and
+    reloads them randomly initialised, silently (MLflow issue #23761). Defined lazily so that
+    importing this module does not import MLflow; cloudpickle stores the class by value.
+    """
+    import mlflow.pyfunc
+
+    class PeftAdapterModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from synthpert.models import resolve_model
+
+            base = resolve_model(context.model_config["base_model"])
+            self.tokenizer = AutoTokenizer.from_pretrained(base)
+            model = AutoModelForCausalLM.from_pretrained(base)
+            self.model = PeftModel.from_pretrained(model, context.artifacts[ADAPTER_ARTIFACT]).eval()
+
+        def predict(self, context, model_input, params=None):
+            """Greedy answers to user prompts (a list, or a frame's first column; chat template applied)."""
+            import torch
+
+            max_new = int((params or {}).get("max_new_tokens", 128))
+            answers = []
+            prompts = model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input
+            for prompt in prompts:
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+                with torch.no_grad():
+                    out = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False)
+                answers.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            return answers
+
+    return PeftAdapterModel
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "peft", "safetensors")]
+
+
+def log_adapter_model(
+    adapter_dir: str | Path,
+    base_model: str,
+    registered_model_name: str | None = None,
+    alias: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Log a PEFT adapter dir as a pyfunc model in the active run; optionally register + alias it.
+
+    `base_model` is a reference resolved at load time (`synthpert.models.resolve_model`: a local
+    path, or "embedded"), so the model stays as small as the adapter. Returns the model URI and,
+    when registered, the name, version and a `models:/NAME@ALIAS` URI.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    info = mlflow.pyfunc.log_model(
+        name=ADAPTER_ARTIFACT,
+        python_model=_adapter_pyfunc()(),
+        artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
+        model_config={"base_model": base_model},
+        pip_requirements=_requirements(),
+        signature=infer_signature(["a prompt"], ["an answer"], params={"max_new_tokens": 128}),
+        registered_model_name=registered_model_name,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    out: dict[str, Any] = {"model_uri": info.model_uri}
+    if registered_model_name:
+        client = MlflowClient()
+        version = str(info.registered_model_version)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(registered_model_name, version, key, str(value))
+        out.update(name=registered_model_name, version=version, uri=f"models:/{registered_model_name}/{version}")
+        if alias:
+            client.set_registered_model_alias(registered_model_name, alias, version)
+            out["uri"] = f"models:/{registered_model_name}@{alias}"
+    return out
+
+
+def adapter_dir_from_uri(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local PEFT adapter dir for a logged adapter model (`models:/NAME@ALIAS`, `models:/NAME/3`,
+    `runs:/RUN_ID/adapter`, `models:/m-…`); downloads the model's files (not the base model)."""
+    import mlflow
+
+    from synthpert.errors import SynthPertError
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None)
+    except Exception as exc:  # MLflow raises several types for unknown names/versions/runs
+        raise SynthPertError(f"cannot fetch adapter model {uri!r}: {exc}") from exc
+    adapter = Path(local) / "artifacts" / ADAPTER_ARTIFACT
+    if not (adapter / "adapter_config.json").is_file():
+        raise SynthPertError(f"{uri!r} is not a SynthPert adapter model (no artifacts/{ADAPTER_ARTIFACT}/adapter_config.json)")
+    return adapter

@@ -1,0 +1,167 @@
+"""Throughput of Ray Train + DeepSpeed ZeRO LoRA against a plain single-process PEFT loop.
+
+Same model, data, LoRA config, batch size, optimizer, schedule and step count. Each Ray worker
+gets `--cpus-per-worker` CPUs (torch threads); the plain loop gets the same number of threads,
+so `ratio_per_worker` = (Ray tokens/s / workers) / plain tokens/s compares one worker with one
+equally-resourced plain process (goal >= 0.8). Prints one JSON object.
+
+    python bench/train.py --steps 20 --num-workers 2 --zero-stage 2
+    python bench/train.py --gpu --zero-stage 3 --num-workers 8 --base-model /models/llama-8b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from synthpert.artifacts import write_table  # noqa: E402
+from synthpert.config import LABELS, load_config  # noqa: E402
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMA = pa.schema([("cell_line", pa.string()), ("pert", pa.string()), ("gene", pa.string()), ("label", pa.string()), ("messages", MESSAGES)])
+
+
+def make_traces(directory: Path, rows: int) -> Path:
+    """Synthetic traces shaped like the real ones: student prompt + reasoning + answer."""
+    records = []
+    for i in range(rows):
+        label = LABELS[i % 3]
+        reasoning = " ".join(f"Gene P{i} acts on pathway {j} which regulates G{i}." for j in range(6))
+        records.append({
+            "cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": label,
+            "messages": [
+                {"role": "system", "content": "You are an expert in CRISPRi perturbation biology."},
+                {"role": "user", "content": f"In K562 cells, P{i} is knocked down. Is G{i} up, down or unchanged?"},
+                {"role": "assistant", "content": f"<think>{reasoning}</think><answer>{label}</answer>"},
+            ],
+        })
+    write_table(directory, "sft", pd.DataFrame(records), SCHEMA)
+    return directory
+
+
+def device_name(gpu: bool) -> str:
+    if gpu:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"cpu: {model}"
+
+
+def plain_loop(cfg, data: Path, steps: int, threads: int, gpu: bool) -> dict:
+    """The baseline: one process, PEFT model, torch AdamW, same batches and schedule, no Ray, no DeepSpeed."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from synthpert.models import resolve_model
+    from synthpert.train.collate import collate, tokenize_frame
+    from synthpert.train.model import load_lora_model
+    from synthpert.train.trainer import lr_schedule
+
+    tc = cfg.train
+    torch.set_num_threads(threads)
+    torch.manual_seed(tc.seed)
+    device = torch.device("cuda" if gpu else "cpu")
+    model_dir = resolve_model(tc.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = tokenize_frame(pd.read_parquet(data / "sft.parquet"), tokenizer, tc.mode, tc.max_seq_len, tc.mask_prompt, tc.packing)
+    model = load_lora_model(model_dir, tc, torch.bfloat16 if gpu else torch.float32).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=gpu)
+    scheduler = lr_schedule(optimizer, tc, steps)
+    tokens, elapsed, step = 0, 0.0, 0
+    while step < steps:
+        for start in range(0, len(rows) - tc.batch_size + 1, tc.batch_size):
+            if step == steps:
+                break
+            began = time.perf_counter()
+            batch = collate(rows.iloc[start : start + tc.batch_size].to_dict("list"), tokenizer.pad_token_id)
+            tokens += int(batch.pop("num_tokens"))
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss)  # wait for the device, as the Ray loop does when it logs the loss
+            elapsed += time.perf_counter() - began
+            step += 1
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "train_time_s": elapsed, "peak_memory_mb": peak, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=96)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-seq-len", type=int, default=160)
+    parser.add_argument("--lora-r", type=int, default=32)
+    parser.add_argument("--base-model", default=None)
+    parser.add_argument("--gpu", action="store_true")
+    args = parser.parse_args()
+
+    from synthpert.train import train
+
+    overrides = [
+        f"train.num_workers={args.num_workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
+        f"train.zero_stage={args.zero_stage}", f"train.batch_size={args.batch_size}",
+        f"train.max_seq_len={args.max_seq_len}", f"train.lora_r={args.lora_r}", f"train.max_steps={args.steps}",
+        f"train.use_gpu={str(args.gpu).lower()}", "train.validation_fraction=0", "train.lora_dropout=0",
+        "tracking.enabled=false",
+    ]
+    if args.base_model:
+        overrides.append(f"train.base_model={args.base_model}")
+    cfg = load_config(None, overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        data = make_traces(Path(tmp) / "traces", args.rows)
+        began = time.perf_counter()
+        ray_run = train(cfg, data, Path(tmp) / "run")
+        ray_wall = time.perf_counter() - began
+        plain = plain_loop(cfg, data, args.steps, args.cpus_per_worker, args.gpu)
+    per_worker = ray_run["tokens_per_s"] / args.num_workers
+    result = {
+        "bench": "train",
+        "device": device_name(args.gpu),
+        "model": cfg.train.base_model or "embedded SmolLM2-135M-Instruct",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_seq_len": args.max_seq_len,
+        "lora_r": args.lora_r,
+        "ray": {
+            "zero_stage": args.zero_stage,
+            "num_workers": args.num_workers,
+            "cpus_per_worker": args.cpus_per_worker,
+            "tokens_per_s": ray_run["tokens_per_s"],
+            "tokens_per_s_per_worker": per_worker,
+            "peak_memory_mb": ray_run["peak_memory_mb"],
+            "train_time_s": ray_run["train_time_s"],
+            "wall_s_with_startup": ray_wall,
+            "final_loss": ray_run["final_loss"],
+        },
+        "plain": plain,
+        "ratio_per_worker": per_worker / plain["tokens_per_s"],
+        "goal_ratio_per_worker": 0.8,
+    }
+    print(json.dumps(result, indent=1))
+    print(f"Ray Train + ZeRO-{args.zero_stage}: {per_worker:.0f} tokens/s per worker vs plain PEFT "
+          f"{plain['tokens_per_s']:.0f} tokens/s: ratio {result['ratio_per_worker']:.2f} (goal >= 0.8)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The train stage: check inputs, tokenise the traces with Ray Data, run `TorchTrainer`, export
+the adapter, log to MLflow and register it.
+
+Everything that can be wrong with the input (no file, missing columns, no rows, bad messages, a
+base model path that is not a model, LoRA targets the model lacks, too few rows for the workers)
+raises SynthPertError before any training worker starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+
+from synthpert import tracking
+from synthpert.artifacts import read_manifest, write_manifest
+from synthpert.config import LABELS, Config, TrainConfig
+from synthpert.errors import SynthPertError
+from synthpert.models import resolve_model
+from synthpert.train.collate import check_messages, tokenize_frame
+from synthpert.train.model import check_target_modules
+from synthpert.train.trainer import PROBE_FILE, STATE_FILE, train_loop_per_worker
+from synthpert.train.zero import deepspeed_config
+
+SFT_FILE = "sft.parquet"
+REQUIRED = {"cot": ("cell_line", "pert", "gene", "label", "messages"), "raw": ("cell_line", "pert", "gene", "label")}
+RUN_NAME = "train"  # Ray Train run name under OUTPUT/ray: the same name is what --resume finds
+PROBE_TEXT = "Knocking down a gene with CRISPRi can change the expression of other genes."
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_traces(data_dir: str | Path, mode: str) -> Path:
+    """The traces' sft.parquet, checked: the columns `mode` needs, rows, well-formed chats/labels."""
+    import pyarrow.parquet as pq
+
+    path = Path(data_dir) / SFT_FILE
+    if not path.is_file():
+        raise SynthPertError(f"traces file not found: {path} (train --data takes the generate/judge output dir)")
+    names = pq.read_schema(path).names
+    missing = [c for c in REQUIRED[mode] if c not in names]
+    if missing:
+        raise SynthPertError(f"{path} lacks columns {missing} needed for --mode {mode} (it has {names})")
+    table = pq.read_table(path, columns=list(REQUIRED[mode]))
+    if table.num_rows == 0:
+        raise SynthPertError(f"{path} has no rows: nothing to train on")
+    if mode == "cot":
+        for i, messages in enumerate(table.column("messages").to_pylist()):
+            check_messages(messages, f"{path} row {i}")
+    else:
+        for i, label in enumerate(table.column("label").to_pylist()):
+            if label not in LABELS:
+                raise SynthPertError(f"{path} row {i}: label {label!r} is not one of {list(LABELS)}")
+    return path
+
+
+def held_out(row: dict, fraction: float) -> bool:
+    """Deterministic validation membership of a (cell line, perturbation, gene) tuple."""
+    key = f"{row['cell_line']}|{row['pert']}|{row['gene']}".encode()
+    return int(hashlib.sha256(key).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+@lru_cache(maxsize=2)
+def _tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _tokenize_batch(frame: pd.DataFrame, model_dir: str, cfg: dict) -> pd.DataFrame:
+    """Ray Data map: source rows -> training rows tagged train/validation (packed per split)."""
+    tc = TrainConfig.model_validate(cfg)
+    validation = frame.apply(lambda row: held_out(row, tc.validation_fraction), axis=1).astype(bool)
+    parts = []
+    for split, part in (("train", frame[~validation]), ("validation", frame[validation])):
+        rows = tokenize_frame(part, _tokenizer(model_dir), tc.mode, tc.max_seq_len, tc.mask_prompt, tc.packing)
+        parts.append(rows.assign(split=split))
+    return pd.concat(parts, ignore_index=True)
+
+
+def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, Any, dict[str, int]]:
+    """Materialised Ray Datasets (train shuffled once; validation) and their row/example counts."""
+    import ray.data
+
+    source = ray.data.read_parquet(str(sft), columns=list(REQUIRED[tc.mode]))
+    tokenized = source.map_batches(
+        _tokenize_batch,
+        batch_format="pandas",
+        batch_size=256,
+        fn_kwargs={"model_dir": str(model_dir), "cfg": tc.model_dump(mode="json")},
+    ).materialize()
+    train = tokenized.filter(expr="split == 'train'").random_shuffle(seed=tc.seed).materialize()
+    validation = tokenized.filter(expr="split == 'validation'").materialize()
+    counts = {"train_rows": train.count(), "validation_rows": validation.count()}
+    counts["train_examples"] = int(train.sum("examples") or 0) if counts["train_rows"] else 0
+    counts["validation_examples"] = int(validation.sum("examples") or 0) if counts["validation_rows"] else 0
+    counts["source_rows"] = source.count()
+    if counts["train_rows"] == 0:
+        raise SynthPertError(
+            f"no training example left from {sft}: every row was held out or lost all assistant tokens "
+            f"to truncation (max_seq_len={tc.max_seq_len}, validation_fraction={tc.validation_fraction})"
+        )
+    return train, validation, counts
+
+
+def make_plan(tc: TrainConfig, counts: dict[str, int]) -> dict[str, Any]:
+    """Steps per epoch and in total: every worker gets floor(rows / workers) rows (equal shards)."""
+    rows_per_worker = counts["train_rows"] // tc.num_workers
+    steps_per_epoch = math.ceil(rows_per_worker / tc.batch_size) // tc.grad_accum
+    if steps_per_epoch == 0:
+        raise SynthPertError(
+            f"{counts['train_rows']} training rows cannot fill one step of {tc.num_workers} workers x "
+            f"batch_size {tc.batch_size} x grad_accum {tc.grad_accum}: use fewer workers or more data"
+        )
+    total = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(tc.epochs * steps_per_epoch))
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "validation_rows": counts["validation_rows"] // tc.num_workers,
+    }
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: float) -> Iterator[None]:
+    """Use the Ray cluster already connected, or RAY_ADDRESS, else start a private local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _export(checkpoint, output: Path) -> dict[str, Any]:
+    """Copy the final checkpoint's adapter, probe logits and training state into OUTPUT."""
+    with checkpoint.as_directory() as directory:
+        directory = Path(directory)
+        adapter = output / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.copytree(directory / "adapter", adapter)
+        for name in (PROBE_FILE, STATE_FILE):
+            if (directory / name).is_file():
+                shutil.copy2(directory / name, output / name)
+    return json.loads((output / STATE_FILE).read_text())
+
+
+def check_lora_b(adapter: Path) -> int:
+    """Fail loudly on the classic ZeRO-3 + LoRA bug: an adapter saved with empty or all-zero lora_B."""
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in weights.items() if "lora_B" in k}
+    broken = [k for k, v in lora_b.items() if v.numel() == 0] or (
+        list(lora_b) if lora_b and all(not v.any() for v in lora_b.values()) else []
+    )
+    if not lora_b or broken:
+        raise SynthPertError(f"saved adapter {adapter} has empty or all-zero lora_B weights ({broken[:3] or 'none found'})")
+    return sum(int(v.count_nonzero()) for v in lora_b.values())
+
+
+def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on the traces in `data_dir`; returns the summary (also in OUTPUT/manifest.json)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    output = Path(output_dir or tc.output_dir).resolve()
+    sft = check_traces(data_dir, tc.mode)
+    model_dir = resolve_model(tc.base_model)
+    check_target_modules(model_dir, tc.target_modules)
+    storage = output / "ray"
+    previous = (storage / RUN_NAME / "checkpoint_manager_snapshot.json").is_file()
+    if previous and not resume:
+        raise SynthPertError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
+    traces_manifest = read_manifest(data_dir) or {}
+    traces_run_id = traces_manifest.get("mlflow_run_id")
+    probe_ids = _tokenizer(str(model_dir))(PROBE_TEXT)["input_ids"]
+    pad_id = _tokenizer(str(model_dir)).pad_token_id
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+
+    with ray_session(max(os.cpu_count() or 1, tc.num_workers * tc.cpus_per_worker)):
+        train_ds, val_ds, counts = build_datasets(sft, model_dir, tc)
+        plan = make_plan(tc, counts)
+        plan.update(base_model=str(model_dir), probe_ids=probe_ids, pad_id=pad_id)
+        tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
+        with tracking.stage_run(cfg, "train", sections=("train",), params={"plan": {**counts, **plan}}, tags=tags) as run_id:
+            if run_id:
+                plan["mlflow"] = {"tracking_uri": tracking.portable_uri(cfg.tracking.tracking_uri), "run_id": run_id}
+                tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu), "deepspeed_config.json")
+            datasets = {"train": train_ds, **({"validation": val_ds} if plan["validation_rows"] else {})}
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"train": tc.model_dump(mode="json"), "plan": plan},
+                scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+                run_config=RunConfig(
+                    name=RUN_NAME,
+                    storage_path=str(storage),
+                    checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
+                    failure_config=FailureConfig(max_failures=tc.max_failures),
+                ),
+                datasets=datasets,
+            )
+            result = trainer.fit()
+            state = _export(result.checkpoint, output)
+            adapter = output / "adapter"
+            lora_b_nonzero = check_lora_b(adapter)
+            history, validation = state["history"], state["validation"]
+            summary = {
+                "final_loss": history[-1]["loss"],
+                "first_loss": history[0]["loss"],
+                "val_loss": validation[-1]["val_loss"] if validation else None,
+                "steps": state["step"],
+                "tokens": state["tokens"],
+                "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] else 0.0,
+                "train_time_s": state["train_time_s"],
+                "adapter_path": str(adapter),
+                "lora_b_nonzero": lora_b_nonzero,
+                "mlflow_run_id": run_id,
+                "traces_run_id": traces_run_id,
+                **counts,
+            }
+            tracking.log_metrics({k: summary[k] for k in ("final_loss", "val_loss", "tokens_per_s", "train_time_s")})
+            if run_id:
+                registered = tracking.log_adapter_model(
+                    adapter,
+                    base_model=tc.base_model or "embedded",
+                    registered_model_name=tc.registered_model_name,
+                    alias=tc.mode if tc.registered_model_name else None,
+                    tags={"synthpert.train_run_id": run_id, "synthpert.mode": tc.mode, **tags},
+                )
+                summary["model_uri"] = registered.get("uri", registered["model_uri"])
+    write_manifest(output, "train", {"adapter": {"dir": "adapter"}}, config=cfg.model_dump(mode="json"), summary=summary)
+    return summary

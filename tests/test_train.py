@@ -1,0 +1,271 @@
+"""Train stage: real Ray Train + DeepSpeed ZeRO runs with LoRA on the bundled SmolLM2 (2 CPU workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from synthpert.artifacts import write_manifest, write_table
+from synthpert.config import LABELS, load_config
+from synthpert.errors import SynthPertError
+from synthpert.train import train
+from synthpert.train.collate import IGNORE, collate, pack, tokenize_chat
+from tests.conftest import REPO, run_cli
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SFT_SCHEMA = pa.schema(
+    [("cell_line", pa.string()), ("pert", pa.string()), ("gene", pa.string()), ("label", pa.string()), ("messages", MESSAGES)]
+)
+# Small and memorisable: short prompts, one fixed reasoning pattern, labels cycling.
+TINY = [
+    "train.max_seq_len=64",
+    "train.batch_size=2",
+    "train.learning_rate=1e-3",
+    "train.warmup_ratio=0",
+    "train.lora_r=8",
+    "train.lora_alpha=16",
+    "train.lora_dropout=0",
+]
+
+
+def chat(i: int, label: str) -> list[dict]:
+    return [
+        {"role": "system", "content": "Predict the effect of the knock-down."},
+        {"role": "user", "content": f"Knock-down of P{i}; read-out G{i}?"},
+        {"role": "assistant", "content": f"<think>P{i} regulates G{i}.</think><answer>{label}</answer>"},
+    ]
+
+
+def write_traces(directory: Path, n: int = 16, run_id: str | None = "traces-run-1", drop: tuple[str, ...] = ()) -> Path:
+    rows = [
+        {"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i % 3], "messages": chat(i, LABELS[i % 3])}
+        for i in range(n)
+    ]
+    schema = pa.schema([f for f in SFT_SCHEMA if f.name not in drop])
+    entry = write_table(directory, "sft", pd.DataFrame(rows, columns=SFT_SCHEMA.names), schema)
+    write_manifest(directory, "judge", {"sft": entry}, **({"mlflow_run_id": run_id} if run_id else {}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    return write_traces(tmp_path_factory.mktemp("traces"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model)
+
+
+def labelled_text(tokenizer, ids, labels) -> str:
+    return tokenizer.decode([t for t, lab in zip(ids, labels) if lab != IGNORE])
+
+
+def reloaded_logits(adapter: Path, input_ids: list[int], base: Path) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([input_ids])).logits
+
+
+def assert_adapter_matches_memory(output: Path, base: Path) -> None:
+    """The saved PEFT dir reproduces the logits the trained in-memory model gave (probe.pt)."""
+    from safetensors.torch import load_file
+
+    lora_b = {k: v for k, v in load_file(output / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and all(v.numel() > 0 for v in lora_b.values())
+    assert sum(int(v.count_nonzero()) for v in lora_b.values()) > 0.9 * sum(v.numel() for v in lora_b.values())
+    probe = torch.load(output / "probe.pt")
+    torch.testing.assert_close(reloaded_logits(output / "adapter", probe["input_ids"], base), probe["logits"], atol=5e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- token masks, packing, collate
+
+
+def test_cot_labels_cover_only_the_assistant_turn(tokenizer):
+    messages = chat(7, "upregulated")
+    ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
+    assert labelled_text(tokenizer, ids, labels) == messages[-1]["content"] + "<|im_end|>\n"
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    assert all(lab == IGNORE for lab in labels[:first]) and "Knock-down of P7" in tokenizer.decode(ids[:first])
+    _, unmasked = tokenize_chat(tokenizer, messages, max_seq_len=512, mask_prompt=False)
+    assert unmasked == ids
+
+
+def test_truncation_keeps_prefix_and_drops_examples_without_answer_tokens(tokenizer):
+    messages = chat(1, "downregulated")
+    ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
+    cut = tokenize_chat(tokenizer, messages, max_seq_len=first + 3)
+    assert cut == (ids[: first + 3], labels[: first + 3])
+    assert tokenize_chat(tokenizer, messages, max_seq_len=first) is None
+
+
+def test_packing_isolates_examples(tokenizer, embedded_model):
+    """Packed rows give each example the logits it gets alone: positions restart, no cross-attention."""
+    from transformers import AutoModelForCausalLM
+
+    examples = [tokenize_chat(tokenizer, chat(i, LABELS[i % 3]), 512) for i in range(3)]
+    bins = pack(examples, max_len=sum(len(e[0]) for e in examples[:2]) + 1)
+    assert sorted(i for b in bins for i in b) == [0, 1, 2] and len(bins) == 2
+    row = bins[0] if len(bins[0]) == 2 else bins[1]
+    batch = collate(
+        {
+            "input_ids": [sum((examples[i][0] for i in row), [])],
+            "labels": [sum((examples[i][1] for i in row), [])],
+            "segments": [[len(examples[i][0]) for i in row]],
+        },
+        pad_id=tokenizer.pad_token_id,
+    )
+    first_len = len(examples[row[0]][0])
+    assert batch["position_ids"][0, first_len] == 0 and batch["labels"][0, first_len] == IGNORE
+    assert int(batch["num_tokens"]) == sum(len(examples[i][0]) for i in row)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model).eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([examples[row[1]][0]])).logits[0]
+    torch.testing.assert_close(packed[first_len:], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_collate_pads_as_a_separate_segment(tokenizer):
+    batch = collate({"input_ids": [[5, 6, 7], [8]], "labels": [[5, 6, 7], [IGNORE]], "segments": [[3], [1]]}, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE] * 3]
+    assert int(batch["num_tokens"]) == 4
+
+
+# ---------------------------------------------------------------- bad input: errors before any worker
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_file", "traces file not found"),
+        ("missing_column", "lacks columns ['messages']"),
+        ("empty", "has no rows"),
+        ("bad_messages", "no assistant message"),
+        ("no_model", "is not a model directory"),
+        ("bad_targets", "LoRA target modules ['qkv_proj']"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, case, message):
+    import ray
+
+    data = tmp_path / "traces"
+    overrides = ["tracking.enabled=false"]
+    if case == "missing_column":
+        write_traces(data, drop=("messages",))
+    elif case == "empty":
+        write_traces(data, n=0)
+    elif case == "bad_messages":
+        frame = pd.DataFrame([{"cell_line": "k562", "pert": "A", "gene": "B", "label": LABELS[0], "messages": chat(0, LABELS[0])[:2]}])
+        write_table(data, "sft", frame, SFT_SCHEMA)
+    elif case != "no_file":
+        write_traces(data, n=4)
+    if case == "no_model":
+        overrides.append(f"train.base_model={tmp_path / 'nowhere'}")
+    if case == "bad_targets":
+        overrides.append("train.target_modules=[q_proj, qkv_proj]")
+    with pytest.raises(SynthPertError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        train(load_config(None, overrides), data, tmp_path / "out")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_cli_reports_bad_input_and_exits_2(tmp_path):
+    proc = run_cli("train", "--data", str(tmp_path / "nothing"), "--mode", "cot", "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert f"error: traces file not found: {tmp_path / 'nothing' / 'sft.parquet'}" in proc.stderr
+
+
+# ---------------------------------------------------------------- real distributed runs
+
+
+def test_zero3_two_workers_learns_and_saves_gathered_adapter(traces, tmp_path, embedded_model):
+    """ZeRO-3 partitions every weight across the 2 workers; the saved adapter must be gathered."""
+    cfg = load_config(None, [*TINY, "train.zero_stage=3", "train.max_steps=4", "tracking.enabled=false"])
+    summary = train(cfg, traces, tmp_path / "run")
+    assert summary["steps"] == 4 and summary["mlflow_run_id"] is None
+    assert summary["final_loss"] < 0.7 * summary["first_loss"]
+    assert_adapter_matches_memory(tmp_path / "run", embedded_model)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, snapshot: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc {proc.returncode}) before its first checkpoint:\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    raise AssertionError("no checkpoint within the timeout")
+
+
+def test_zero2_cli_killed_then_resumed_continues_and_registers(traces, tmp_path, embedded_model):
+    """Kill `synthpert train` after its first checkpoint; --resume continues the step counter and
+    the loss; the result is a PEFT adapter, logged to MLflow and registered with lineage tags."""
+    import mlflow
+
+    from synthpert import tracking
+
+    output, db = tmp_path / "run", tmp_path / "mlflow.db"
+    args = ["train", "--data", str(traces), "--mode", "cot", "--output", str(output), "--zero-stage", "2",
+            "--num-workers", "2", "--max-steps", "8", "--lora-r", "8", "--json"]
+    sets = [f"--set={s}" for s in (*TINY, "train.checkpoint_every_steps=2", f"tracking.tracking_uri=sqlite:///{db}")]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "synthpert", *args, *sets], cwd=REPO, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_for_checkpoint(first, output / "ray" / "train" / "checkpoint_manager_snapshot.json", timeout=900)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
+        first.wait()
+    assert not (output / "adapter").exists()
+
+    again = run_cli(*args, *sets)
+    assert again.returncode == 2 and "already holds a training run" in again.stderr
+
+    resumed = run_cli(*args, *sets, "--resume", check=True, timeout=900)
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    state = json.loads((output / "train_state.json").read_text())
+    history = state["history"]
+    assert [h["step"] for h in history] == list(range(1, 9)) and summary["steps"] == 8
+    (resumed_at,) = state["resumed_from"]
+    assert resumed_at >= 2 and resumed_at % 2 == 0
+    # the first step after the restart continues the curve instead of starting from the untrained loss
+    assert history[resumed_at]["loss"] < 0.8 * history[0]["loss"], history
+    assert summary["final_loss"] < 0.6 * summary["first_loss"]
+    assert summary["tokens_per_s"] > 0 and summary["adapter_path"] == str(output / "adapter")
+    assert_adapter_matches_memory(output, embedded_model)
+
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    assert run.data.params["train.lora_r"] == "8" and run.data.tags["synthpert.traces_run_id"] == "traces-run-1"
+    assert {"loss", "lr", "tokens_per_s", "val_loss", "final_loss"} <= set(run.data.metrics)
+    assert "deepspeed_config.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    version = mlflow.MlflowClient().get_model_version_by_alias("synthpert-student", "cot")
+    assert version.tags["synthpert.traces_run_id"] == "traces-run-1"
+    assert version.tags["synthpert.train_run_id"] == summary["mlflow_run_id"]
+
+    adapter = tracking.adapter_dir_from_uri("models:/synthpert-student@cot")
+    assert (adapter / "adapter_model.safetensors").read_bytes() == (output / "adapter" / "adapter_model.safetensors").read_bytes()
+    loaded = mlflow.pyfunc.load_model("models:/synthpert-student@cot").unwrap_python_model()
+    probe = torch.load(output / "probe.pt")
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([probe["input_ids"]])).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=5e-4, rtol=0)
