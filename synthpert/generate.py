@@ -76,8 +76,12 @@ ATTEMPTS_SCHEMA = pa.schema(
 
 
 def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
-    """The seeded sample of TRAINING tuples (fraction/limit of the train split), with prompt context."""
-    from synthpert.data import apply_split, load_pairs, subsample
+    """The seeded sample of TRAINING tuples (fraction/limit of the train split), with prompt context.
+
+    The context's labelled neighbours come from the whole training split (never the tuple itself),
+    the same pool the student's test-time prompts draw on.
+    """
+    from synthpert.data import Knowledge, apply_split, load_pairs, subsample
 
     pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
@@ -91,14 +95,11 @@ def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig)
     """Prompt rows for `pairs`: tuple id, the tuple, its label, and knowledge context from `train` only."""
     frame = pairs[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
     frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
+    context = [""] * len(frame)
     if data_cfg.knowledge.enabled:
-        from synthpert.data import Knowledge
-
         knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
-        frame["context"] = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
-    else:
-        frame["context"] = ""
-    return frame
+        context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
+    return frame.assign(context=context)
 
 
 @contextlib.contextmanager
@@ -179,7 +180,7 @@ def sft_rows(attempts: pd.DataFrame) -> pd.DataFrame:
          {"role": "assistant", "content": f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"}]
         for row in kept.to_dict("records")
     ]
-    return kept[["cell_line", "pert", "gene", "label"]].assign(messages=messages)
+    return kept[["cell_line", "pert", "gene", "label"]].assign(messages=pd.Series(messages, index=kept.index, dtype=object))
 
 
 def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
@@ -234,15 +235,14 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     tuples = sample_tuples(cfg.data)
     output = Path(g.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    with _ray(), contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         own = None
-        urls = {}
-        for role, endpoint in (("teacher", g.teacher), ("judge", g.judge)):
-            if endpoint.base_url is None and own is None:
-                from synthpert.serving import running
+        if g.teacher.base_url is None or g.judge.base_url is None:
+            from synthpert.serving import running
 
-                own = stack.enter_context(running(cfg.serve))
-            urls[role] = endpoint.base_url or own
+            own = stack.enter_context(running(cfg.serve))  # joins or starts Ray sized for the endpoint
+        stack.enter_context(_ray())
+        urls = {"teacher": g.teacher.base_url or own, "judge": g.judge.base_url or own}
         with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
             attempts = _finish_columns(_stream(cfg, tuples, urls, progress))
