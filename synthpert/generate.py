@@ -81,7 +81,7 @@ def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
     The context's labelled neighbours come from the whole training split (never the tuple itself),
     the same pool the student's test-time prompts draw on.
     """
-    from synthpert.data import Knowledge, apply_split, load_pairs, subsample
+    from synthpert.data import apply_split, load_pairs, subsample
 
     pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
@@ -97,6 +97,8 @@ def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig)
     frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
     context = [""] * len(frame)
     if data_cfg.knowledge.enabled:
+        from synthpert.data import Knowledge
+
         knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
         context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
     return frame.assign(context=context)
