@@ -84,6 +84,9 @@ class GenerateConfig(Section):
     judge: JudgeEndpointConfig = Field(default_factory=JudgeEndpointConfig)
     keep: list[str] = Field(default_factory=lambda: ["excellent"])
     require_answer_match: bool = True
+    # The teacher's format, guided: prefill `<think>`, stop at `</think>`, then pick the answer with
+    # guided_choice (tiny models never write the tags themselves). None: only for our own endpoint.
+    guided_teacher: bool | None = None
     use_guided_choice: bool | None = None  # None: only for our own endpoint (set true for vLLM)
     output_dir: Path = Path("runs/traces")
     cache_path: Path | None = None  # durable store of finished calls; None: <output_dir>/calls.sqlite

@@ -24,12 +24,12 @@ from synthpert import prompts
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
+from synthpert.generate import ANSWER_OPEN, GUIDED_LABELS, continue_with
 from synthpert.llm.actor import LLMActor, map_with_actors
+from synthpert.llm.client import CallResult
 
 STAGE = "predict"
-ANSWER_OPEN = "<answer>"
 PROBS = ("p_up", "p_down", "p_none")  # in the order of LABELS
-GUIDED = {"guided_choice": list(LABELS), "continue_final_message": True, "add_generation_prompt": False}
 
 
 def label_probabilities(choice_logprobs: dict[str, float]) -> dict[str, float]:
@@ -75,9 +75,10 @@ class PredictActor(LLMActor):
         messages = prompts.student_messages(row, row["context"] or None, mode=self.mode)
         template = f"student_{self.mode}"
         scope = {"tuple": row["tuple_id"], "template": template, "version": prompts.TEMPLATE_VERSIONS[template]}
-        output, answer, prefix = None, None, ANSWER_OPEN
+        output, answer, prefix, calls = None, None, ANSWER_OPEN, []
         if self.mode == "cot":
             first = await self.client.complete(messages, scope)
+            calls.append(first)
             if first.error is not None:
                 return self._row(row, first, output=None, answer=None, probs=None)
             output = first.text
@@ -85,17 +86,16 @@ class PredictActor(LLMActor):
             prefix = answer_prefix(output)
             if not self.score:
                 return self._row(row, first, output=output, answer=answer, probs=one_hot(answer), parsed=answer is not None)
-        scored = await self.client.complete(
-            [*messages, {"role": "assistant", "content": prefix}], scope | {"step": "score"}, extra_body=GUIDED
-        )
+        scored = await self.client.complete(continue_with(messages, prefix), scope | {"step": "score"}, extra_body=GUIDED_LABELS)
+        usage = CallResult.merge(*calls, scored)
         if scored.error is not None or "choice_logprobs" not in scored.extra:
             error = scored.error or "the endpoint returned no choice_logprobs: it does not support guided_choice scoring"
-            return self._row(row, scored, output=output, answer=answer, probs=None, error=error)
+            return self._row(row, usage, output=output, answer=answer, probs=None, error=error)
         probs = label_probabilities(scored.extra["choice_logprobs"])
         parsed = answer is not None
         if answer is None:
             answer = LABELS[max(range(3), key=lambda i: probs[PROBS[i]])]
-        return self._row(row, scored, output=output, answer=answer, probs=probs, parsed=parsed)
+        return self._row(row, usage, output=output, answer=answer, probs=probs, parsed=parsed)
 
     def _row(self, row, result, output, answer, probs, parsed=False, error=None) -> dict[str, Any]:
         outcome = self.outcome(result)

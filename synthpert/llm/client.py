@@ -52,6 +52,22 @@ class CallResult:
     extra: dict = dataclasses.field(default_factory=dict)  # the response's non-OpenAI fields (choice_logprobs)
 
 
+    @classmethod
+    def merge(cls, *parts: "CallResult") -> "CallResult":
+        """One logical call made of several requests: usage summed, the first error kept, text of the last."""
+        return cls(
+            text=parts[-1].text,
+            error=next((p.error for p in parts if p.error is not None), None),
+            prompt_tokens=sum(p.prompt_tokens for p in parts),
+            completion_tokens=sum(p.completion_tokens for p in parts),
+            latency_s=sum(p.latency_s for p in parts),
+            cost_usd=sum(p.cost_usd for p in parts),
+            retries=sum(p.retries for p in parts),
+            cached=all(p.cached for p in parts),
+            extra=parts[-1].extra,
+        )
+
+
 _RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries", "extra")
 
 
