@@ -257,6 +257,20 @@ def train_cmd(
         emit_json(summary)
 
 
+@app.command()
+def pipeline(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt, json_: bool = JsonOpt) -> None:
+    """The whole SynthPert pipeline: traces -> train cot + raw -> predict -> evaluate -> register -> report.
+
+    Finished stages (same config and inputs) are skipped, so a re-run resumes after a failure.
+    """
+    from synthpert.pipeline import run
+
+    result = run(resolve(config, set_))
+    typer.echo(f"ran {result['ran'] or 'nothing'}; skipped {result['skipped'] or 'nothing'}; report: {result['report']}", err=True)
+    if json_:
+        emit_json(result)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit code 2.
 

@@ -84,6 +84,9 @@ class GenerateConfig(Section):
     judge: JudgeEndpointConfig = Field(default_factory=JudgeEndpointConfig)
     keep: list[str] = Field(default_factory=lambda: ["excellent"])
     require_answer_match: bool = True
+    # The teacher's format, guided: prefill `<think>`, stop at `</think>`, then pick the answer with
+    # guided_choice (tiny models never write the tags themselves). None: only for our own endpoint.
+    guided_teacher: bool | None = None
     use_guided_choice: bool | None = None  # None: only for our own endpoint (set true for vLLM)
     # How the grade list is sent: our endpoint's `guided_choice`, or vLLM's `structured_outputs.choice`.
     guided_choice_format: Literal["guided_choice", "structured_outputs"] = "guided_choice"

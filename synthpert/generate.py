@@ -25,10 +25,11 @@ from pydantic import SecretStr
 
 from synthpert import prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
-from synthpert.config import Config, DataConfig, EndpointConfig
+from synthpert.config import LABELS, Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_constraint, grade_histogram
 from synthpert.llm.actor import LLMActor, map_with_actors
+from synthpert.llm.client import CallResult
 
 STAGE = "generate"
 TUPLE_COLUMNS = ["tuple_id", "cell_line", "pert", "gene", "label"]
@@ -44,16 +45,37 @@ def prompt_hash(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
 
 
+THINK_OPEN, THINK_CLOSE, ANSWER_OPEN = "<think>", "</think>", "<answer>"
+
+
+def continue_with(messages: list[dict], prefix: str) -> list[dict]:
+    """The chat plus a partial assistant turn for the model to continue (vLLM's continue_final_message)."""
+    return [*messages, {"role": "assistant", "content": prefix}]
+
+
+CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
+GUIDED_LABELS = {**CONTINUE, "guided_choice": list(LABELS)}
+
+
 class TeacherActor(LLMActor):
-    """Ray Data actor: the label-conditioned teacher prompt for each row; parses the trace."""
+    """Ray Data actor: the label-conditioned teacher prompt for each row; parses the trace.
+
+    Guided (`generate.guided_teacher`): the reasoning is generated after a prefilled `<think>` up to
+    `</think>`, and the answer is then chosen among the three labels by the endpoint's
+    guided_choice, so even a model that ignores the format yields a well-formed trace.
+    """
 
     prefix = "teacher"
     fields = [(name, pa.string()) for name in ("prompt_hash", "teacher_model", "teacher_output", "reasoning", "answer")]
 
+    def __init__(self, *, guided: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.guided = guided
+
     async def process(self, row: dict[str, Any]) -> dict[str, Any]:
         messages = prompts.teacher_messages(row, row["context"])
         scope = {"tuple": row["tuple_id"], "template": "teacher", "version": prompts.TEMPLATE_VERSIONS["teacher"]}
-        result = await self.client.complete(messages, scope)
+        result = await (self._guided(messages, scope) if self.guided else self.client.complete(messages, scope))
         reasoning, answer = prompts.parse_trace(result.text) if result.error is None else (None, None)
         return {
             **row,
@@ -64,6 +86,24 @@ class TeacherActor(LLMActor):
             "answer": answer,
             **self.outcome(result),
         }
+
+    async def _guided(self, messages: list[dict], scope: dict) -> CallResult:
+        think = await self.client.complete(
+            continue_with(messages, THINK_OPEN), scope | {"step": "think"}, extra_body={**CONTINUE, "stop": [THINK_CLOSE]}
+        )
+        if think.error is not None:
+            return think
+        reasoning = (think.text or "").split(THINK_CLOSE)[0].strip()
+        trace = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{ANSWER_OPEN}"
+        answer = await self.client.complete(continue_with(messages, trace), scope | {"step": "answer"}, extra_body=GUIDED_LABELS)
+        merged = CallResult.merge(think, answer)
+        merged.text = f"{trace}{answer.text}</answer>" if answer.error is None else None
+        return merged
+
+
+def use_guided_teacher(cfg: GenerateConfig) -> bool:
+    """Explicit setting, else only for our own endpoint (it supports prefill + guided_choice)."""
+    return cfg.guided_teacher if cfg.guided_teacher is not None else cfg.teacher.base_url is None
 
 
 ATTEMPTS_SCHEMA = pa.schema(
@@ -81,19 +121,26 @@ def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
     The context's labelled neighbours come from the whole training split (never the tuple itself),
     the same pool the student's test-time prompts draw on.
     """
-    from synthpert.data import Knowledge, apply_split, load_pairs, subsample
+    from synthpert.data import apply_split, load_pairs, subsample
 
     pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
     train = pairs[pairs["split"] == "train"].reset_index(drop=True)
     picked = subsample(train, data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
     if picked.empty:
         raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
-    frame = picked[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
+    return with_context(picked, train, data_cfg)
+
+
+def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
+    """Prompt rows for `pairs`: tuple id, the tuple, its label, and knowledge context from `train` only."""
+    frame = pairs[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
     frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
     context = [""] * len(frame)
     if data_cfg.knowledge.enabled:
+        from synthpert.data import Knowledge
+
         knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
-        context = [knowledge.context(r.cell_line, r.pert, r.gene, train) or "" for r in frame.itertuples()]
+        context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
     return frame.assign(context=context)
 
 
@@ -140,7 +187,7 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
-        base_url=urls["teacher"], api_key=_api_key(g.teacher, cfg), cache_path=cache_path,
+        base_url=urls["teacher"], api_key=_api_key(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),

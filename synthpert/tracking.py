@@ -150,6 +150,51 @@ def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@contextlib.contextmanager
+def pipeline_run(cfg: Config) -> Iterator[str | None]:
+    """The parent run of one pipeline invocation; stage runs, in this process or not, nest under it."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    import mlflow
+
+    setup(cfg.tracking)
+    with mlflow.start_run(run_name="pipeline", tags={"synthpert.stage": "pipeline"}) as run:
+        log_params(flatten(cfg.model_dump(mode="json")), _secrets(cfg))
+        previous = os.environ.get(PARENT_ENV)
+        os.environ[PARENT_ENV] = run.info.run_id
+        try:
+            yield run.info.run_id
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_ENV, None)
+            else:
+                os.environ[PARENT_ENV] = previous
+
+
+SCORE_TAG = "synthpert.score"
+
+
+def promote_if_better(name: str, version: str, score: float, alias: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tag a model version with its score; point `alias` at it only if it beats the alias's holder."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    for key, value in {**(tags or {}), SCORE_TAG: score}.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no holder yet
+        holder = None
+    held = float(holder.tags.get(SCORE_TAG, "nan")) if holder is not None else None
+    promote = holder is None or not held == held or score > held  # held != held: NaN, an unscored holder
+    if promote:
+        client.set_registered_model_alias(name, alias, version)
+    return {"name": name, "version": version, "score": score, "previous": None if holder is None else str(holder.version),
+            "previous_score": held, "promoted": promote, "uri": f"models:/{name}@{alias}"}
+
+
 def portable_uri(uri: str) -> str:
     """The tracking URI with a relative sqlite/file path made absolute, valid from any cwd (Ray workers)."""
     for scheme in ("sqlite:///", "file://"):

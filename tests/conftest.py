@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,3 +127,22 @@ def ray_head():
             yield address
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_job_env() -> dict:
+    """The shared runtime_env of ray_jobs/ with this checkout as the working dir."""
+    env = yaml.safe_load((REPO / "ray_jobs" / "runtime_env.yaml").read_text())
+    return {**env, "working_dir": str(REPO)}
+
+
+def wait_job(client, job_id: str, timeout: float = 180):
+    """Wait (bounded) for a Ray job to end; returns its status and logs."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            client.stop_job(job_id)
+            pytest.fail(f"job {job_id} still {status} after {timeout} s:\n{client.get_job_logs(job_id)}")
+        time.sleep(1)
+    return status, client.get_job_logs(job_id)

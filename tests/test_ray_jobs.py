@@ -3,13 +3,11 @@
 import re
 import runpy
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, ray_job_env, wait_job
 
 STAGE_SCRIPTS = {
     "config_show": ["config", "show"],
@@ -21,23 +19,6 @@ STAGE_SCRIPTS = {
     "train": ["train"],
     "pipeline": ["pipeline"],
 }
-
-
-def _runtime_env() -> dict:
-    env = yaml.safe_load((REPO / "ray_jobs" / "runtime_env.yaml").read_text())
-    return {**env, "working_dir": str(REPO)}
-
-
-def _wait(client, job_id: str, timeout: float = 180):
-    from ray.job_submission import JobStatus
-
-    deadline = time.monotonic() + timeout
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        if time.monotonic() > deadline:
-            client.stop_job(job_id)
-            pytest.fail(f"job {job_id} still {status} after {timeout} s:\n{client.get_job_logs(job_id)}")
-        time.sleep(1)
-    return status, client.get_job_logs(job_id)
 
 
 def _cli_has(command: list[str]) -> bool:
@@ -74,19 +55,19 @@ def test_cli_job_on_a_real_ray_head(ray_head):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_head)
-    env = _runtime_env()
+    env = ray_job_env()
     good = client.submit_job(
         entrypoint="python ray_jobs/config_show.py --config configs/paper.yaml --set train.lora_r=7",
         runtime_env=env,
     )
     bad = client.submit_job(entrypoint="python ray_jobs/config_show.py --set train.lora_rr=3", runtime_env=env)
 
-    status, logs = _wait(client, good)
+    status, logs = wait_job(client, good)
     assert status == JobStatus.SUCCEEDED, logs
     assert "lora_r: 7" in logs and "model: o4-mini" in logs  # the config file travelled with the working dir
     assert re.search(r"synthpert job: config show on Ray cluster \S+:\d+", logs)  # the driver joined the cluster
     assert f"(python {Path(sys.executable).parent}" in logs  # ...with this venv's interpreter
 
-    status, logs = _wait(client, bad)
+    status, logs = wait_job(client, bad)
     assert status == JobStatus.FAILED
     assert "error: invalid config" in logs and "lora_rr" in logs

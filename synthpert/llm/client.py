@@ -49,9 +49,26 @@ class CallResult:
     cost_usd: float = 0.0
     retries: int = 0
     cached: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)  # the response's non-OpenAI fields (choice_logprobs)
 
 
-_RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries")
+    @classmethod
+    def merge(cls, *parts: "CallResult") -> "CallResult":
+        """One logical call made of several requests: usage summed, the first error kept, text of the last."""
+        return cls(
+            text=parts[-1].text,
+            error=next((p.error for p in parts if p.error is not None), None),
+            prompt_tokens=sum(p.prompt_tokens for p in parts),
+            completion_tokens=sum(p.completion_tokens for p in parts),
+            latency_s=sum(p.latency_s for p in parts),
+            cost_usd=sum(p.cost_usd for p in parts),
+            retries=sum(p.retries for p in parts),
+            cached=all(p.cached for p in parts),
+            extra=parts[-1].extra,
+        )
+
+
+_RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries", "extra")
 
 
 def price(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float:
@@ -139,7 +156,7 @@ class LLMClient:
         """One chat completion, from the cache when it was made before; errors come back on the result."""
         key = self.key(messages, scope, extra_body)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
-            return CallResult(**{f: hit[f] for f in _RECORDED}, cached=True)
+            return CallResult(**{f: hit[f] for f in _RECORDED if f in hit}, cached=True)
         client = self._openai()
         async with self._slots:
             if self._tpm is not None:
@@ -170,6 +187,7 @@ class LLMClient:
             latency_s=latency,
             cost_usd=price(self.endpoint, prompt_tokens, completion_tokens),
             retries=max(0, counter[0] - 1),
+            extra=dict(completion.model_extra or {}),
         )
         if self.cache is not None:
             request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}

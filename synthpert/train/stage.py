@@ -244,5 +244,6 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                     tags={"synthpert.train_run_id": run_id, "synthpert.mode": tc.mode, **tags},
                 )
                 summary["model_uri"] = registered.get("uri", registered["model_uri"])
+                summary["model_version"] = registered.get("version")
     write_manifest(output, "train", {"adapter": {"dir": "adapter"}}, config=cfg.model_dump(mode="json"), summary=summary)
     return summary

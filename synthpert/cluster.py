@@ -1,0 +1,40 @@
+"""One way for every stage to get a Ray cluster: the one we are in, RAY_ADDRESS, or a private one.
+
+A stage run inside the pipeline, a Ray job or a test reuses the connected cluster; run alone it
+starts a local one for its own lifetime. Workers import synthpert from where this process did, so
+a source checkout works as well as an install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_env() -> dict:
+    """runtime_env that puts this synthpert on the workers' path."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: float | None = None) -> Iterator[None]:
+    """Use the connected Ray cluster, or RAY_ADDRESS, else start a private local one until exit."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith("http"):  # a job-API URL names the cluster we already run in
+        address = "auto"
+    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(address=address or "local", runtime_env=code_env(), **local)
+    try:
+        yield
+    finally:
+        ray.shutdown()

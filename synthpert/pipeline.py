@@ -1,0 +1,238 @@
+"""The SynthPert pipeline: traces (teacher + judge) -> train cot and raw -> predict -> evaluate
+-> register -> report.
+
+Every stage writes into `<run_dir>/<stage>-<key>/`, where the key hashes what the stage depends
+on: its config sections (output paths excluded) and its inputs' digests. A directory that holds
+`stage.json` is a finished stage and is skipped, so a re-run after a failure resumes where it
+stopped and a second run of the same config recomputes nothing. All stage runs nest under one
+MLflow parent run per invocation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from synthpert import tracking
+from synthpert.artifacts import _atomic_write, read_manifest
+from synthpert.config import LABELS, Config, EndpointConfig
+from synthpert.errors import SynthPertError
+
+STAGE_FILE = "stage.json"
+STUDENT = "student-cot"  # the served names of the two adapters
+RAW = "student-raw"
+CHAMPION = "champion"
+
+
+def _strip_outputs(tree: Any) -> Any:
+    """A config subtree without output locations: where results go does not change what they are."""
+    if isinstance(tree, dict):
+        return {k: _strip_outputs(v) for k, v in tree.items() if k not in ("output_dir", "cache_path")}
+    return tree
+
+
+def stage_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
+    dumped = cfg.model_dump(mode="json")
+    payload = {"sections": {s: _strip_outputs(dumped[s]) for s in sections}, "inputs": inputs}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def official_score(metrics: dict) -> float:
+    """One number to rank models by: the mean of the official DE and direction AUROCs."""
+    values = [metrics[k] for k in ("auroc_de", "auroc_dir") if metrics.get(k) is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+class Pipeline:
+    """Runs the stages in order; remembers which ran and which were skipped."""
+
+    def __init__(self, cfg: Config, progress: bool = True):
+        self.cfg = cfg
+        self.root = Path(cfg.run_dir).resolve()
+        self.progress = progress
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def stage(self, name: str, key: str, fn: Callable[[Path], dict]) -> dict:
+        """`fn(out_dir)` once per key; its JSON result is kept in `stage.json` for later runs."""
+        out = self.root / f"{name}-{key}"
+        done = out / STAGE_FILE
+        if done.is_file():
+            self.skipped.append(name)
+            return json.loads(done.read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2)}
+        _atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, sort_keys=True, default=str)))
+        self.ran.append(name)
+        return result
+
+    def is_done(self, name: str, key: str) -> bool:
+        return (self.root / f"{name}-{key}" / STAGE_FILE).is_file()
+
+    # ---- stages -----------------------------------------------------------------------------
+    def traces(self) -> dict:
+        from synthpert import generate
+
+        def run(out: Path) -> dict:
+            cfg = self.cfg.model_copy(deep=True)
+            cfg.generate.output_dir = out
+            summary = generate.run(cfg, progress=self.progress)
+            if summary["accepted"] == 0:
+                raise SynthPertError(
+                    f"no trace was kept out of {summary['rows']} (grades {summary['grades']}): nothing to train on; "
+                    "loosen generate.keep / generate.require_answer_match or use a stronger teacher"
+                )
+            return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary["run_id"]}
+
+        return self.stage("traces", stage_key(self.cfg, ("data", "generate")), run)
+
+    def train(self, traces: dict, mode: str) -> dict:
+        from synthpert.train import train
+
+        def run(out: Path) -> dict:
+            cfg = self.cfg.model_copy(deep=True)
+            cfg.train.mode = mode
+            if mode == "raw" and cfg.train.registered_model_name:
+                cfg.train.registered_model_name += "-raw"  # the baseline never competes for champion
+            return train(cfg, traces["dir"], output_dir=out)
+
+        key = stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"])
+        return self.stage(f"train-{mode}", key, run)
+
+    def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
+        """Every model over the same test tuples; our endpoint is started only if some are missing."""
+        from synthpert import predict
+
+        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"]) for name, spec in models.items()}
+        if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
+            return {name: self.stage(f"predict-{name}", keys[name], None) for name in models}
+        tuples = predict.test_tuples(self.cfg)
+        adapters = {name: spec["adapter"] for name, spec in models.items() if spec.get("adapter")}
+        with contextlib.ExitStack() as stack:
+            own_url = None
+            if any(spec["endpoint"].base_url is None for spec in models.values()):
+                from synthpert.serving import running
+
+                serve_cfg = self.cfg.serve.model_copy(update={"adapters": {**self.cfg.serve.adapters, **adapters}})
+                own_url = stack.enter_context(running(serve_cfg))
+            results = {}
+            for name, spec in models.items():
+                endpoint: EndpointConfig = spec["endpoint"]
+
+                def run(out: Path, endpoint=endpoint, spec=spec) -> dict:
+                    frame = predict.predict(
+                        self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
+                        api_key=_key_of(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
+                    )
+                    return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model}
+
+                results[name] = self.stage(f"predict-{name}", keys[name], run)
+        return results
+
+    def evaluate(self, predictions: dict[str, dict]) -> dict:
+        from synthpert import evaluate
+        from synthpert.artifacts import read_table
+        from synthpert.data import apply_split, load_pairs
+
+        digests = {name: read_manifest(p["dir"])["outputs"]["predictions"]["sha256"] for name, p in predictions.items()}
+
+        def run(out: Path) -> dict:
+            truth = apply_split(load_pairs(self.cfg.data.cell_lines, self.cfg.data.data_dir), self.cfg.data.split)
+            frames = {name: read_table(p["dir"], "predictions") for name, p in predictions.items()}
+            asked = next(iter(frames.values()))[["cell_line", "pert", "gene"]]
+            frames.update(baseline_predictions(self.cfg, truth, asked))
+            results = {}
+            for name, frame in frames.items():
+                metrics = evaluate.evaluate(frame, truth, bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed,
+                                            progress=self.progress)
+                evaluate.write_report(metrics, out / name)
+                results[name] = metrics
+            return {"models": results}
+
+        return self.stage("evaluate", stage_key(self.cfg, ("evaluate",), predictions=digests), run)
+
+    def register(self, student: dict, scores: dict) -> dict:
+        """Tag the student's model version with its scores; alias it champion if it beats the holder."""
+
+        def run(out: Path) -> dict:
+            if not student.get("model_version") or not self.cfg.train.registered_model_name:
+                return {"registered": False}
+            return tracking.promote_if_better(
+                self.cfg.train.registered_model_name, student["model_version"], official_score(scores), CHAMPION,
+                tags={f"synthpert.{k}": v for k, v in scores.items() if isinstance(v, (int, float))},
+            )
+
+        return self.stage("register", stage_key(self.cfg, ("train", "tracking"), model=student.get("model_uri"), version=student.get("model_version")), run)
+
+    def report(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
+        from synthpert import report
+
+        def run(out: Path) -> dict:
+            paths = report.write(out, self.cfg, traces=traces, trained=trained, evaluation=evaluation)
+            return {name: str(p) for name, p in paths.items()}
+
+        return self.stage("report", stage_key(self.cfg, (), evaluation=evaluation["key"], traces=traces["key"]), run)
+
+
+def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", and the GO baselines."""
+    trivial = asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])
+    return {"trivial": trivial}
+
+
+def _key_of(endpoint: EndpointConfig, cfg: Config):
+    from pydantic import SecretStr
+
+    key = endpoint.api_key() or (os.environ.get(cfg.serve.api_key_env) if endpoint.base_url is None else None)
+    return SecretStr(key) if key else None
+
+
+def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]:
+    """Student (cot adapter), the raw-label baseline, the base model zero-shot, the teacher if remote."""
+    ours = lambda name: cfg.generate.teacher.model_copy(update={"base_url": None, "model": name, "temperature": 0.0})  # noqa: E731
+    models = {
+        STUDENT: {"endpoint": ours(STUDENT), "mode": "cot", "adapter": trained["cot"]["adapter_path"], "identity": trained["cot"]["key"]},
+        RAW: {"endpoint": ours(RAW), "mode": "raw", "adapter": trained["raw"]["adapter_path"], "identity": trained["raw"]["key"]},
+        "base": {"endpoint": ours(cfg.serve.served_model_name), "mode": "cot", "identity": cfg.serve.model or "embedded"},
+    }
+    teacher = cfg.generate.teacher
+    if teacher.base_url is not None:
+        models["teacher"] = {"endpoint": teacher.model_copy(update={"temperature": 0.0}), "mode": "cot",
+                             "identity": f"{teacher.base_url}|{teacher.model}"}
+    return models
+
+
+def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is."""
+    from synthpert.cluster import ray_session
+
+    pipeline = Pipeline(cfg, progress)
+    with ray_session(), tracking.pipeline_run(cfg) as parent_id:
+        traces = pipeline.traces()
+        trained = {mode: pipeline.train(traces, mode) for mode in ("cot", "raw")}
+        predictions = pipeline.predictions(models_to_evaluate(cfg, trained))
+        evaluation = pipeline.evaluate(predictions)
+        scores = {name: {k: m.get(k) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")}
+                  for name, m in evaluation["models"].items()}
+        registered = pipeline.register(trained["cot"], scores[STUDENT])
+        report = pipeline.report(traces, trained, evaluation)
+        tracking.set_tags({
+            "synthpert.traces_dir": traces["dir"], "synthpert.traces_run_id": traces.get("run_id"),
+            "synthpert.train_run_id": trained["cot"].get("mlflow_run_id"), "synthpert.model_uri": trained["cot"].get("model_uri"),
+            "synthpert.model_version": registered.get("version"),
+        })
+        tracking.log_metrics({f"{name}.{k}": v for name, s in scores.items() for k, v in s.items() if v is not None})
+        tracking.log_artifact(report["markdown"], "report")
+        tracking.log_artifact(report["html"], "report")
+    return {
+        "ran": pipeline.ran, "skipped": pipeline.skipped, "mlflow_parent_run_id": parent_id,
+        "scores": scores, "registered": registered, "report": report["markdown"], "run_dir": str(pipeline.root),
+    }

@@ -1,0 +1,117 @@
+"""The pipeline report: every model beside the baselines, per cell line, with CIs, plots and cost.
+
+One list of sections is rendered twice, as Markdown (report.md) and HTML (report.html), next to
+copies of the evaluation plots, so the folder can be read, shared or logged to MLflow as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from pathlib import Path
+from typing import Any
+
+from synthpert.config import Config
+
+METRICS = (("auroc_de", "AUROC DE"), ("auroc_dir", "AUROC dir"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
+NOTE = (
+    "AUROC is the official PerturbQA metric: per read-out gene over the test pairs, averaged over genes "
+    "(DE: p_up + p_down; direction: p_up / (p_up + p_down) on DE pairs). Accuracy is nearly trivial on this "
+    "data: compare it with `trivial acc.` (always \"not differentially expressed\"). Brackets: bootstrap 95 % CI "
+    "over perturbations."
+)
+
+
+def _fmt(value: Any, ci: list | None = None) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    text = f"{value:.3f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+    if ci and None not in ci:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def _metric_rows(models: dict[str, dict], scope: str | None = None) -> list[list[str]]:
+    rows = []
+    for name, result in models.items():
+        m = result if scope is None else result.get("per_cell_line", {}).get(scope)
+        if m is None:
+            continue
+        ci = m.get("ci") or {}
+        rows.append([name, *(_fmt(m.get(key), ci.get(key)) for key, _ in METRICS), _fmt(m.get("trivial_accuracy")), _fmt(m.get("n"))])
+    return rows
+
+
+def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: dict) -> list[tuple[str, Any]]:
+    """(title, content) pairs; content is text, a table (headers, rows) or a list of images."""
+    models = evaluation["models"]
+    headers = ["model", *(label for _, label in METRICS), "trivial acc.", "n"]
+    cells = sorted({c for m in models.values() for c in m.get("per_cell_line", {})})
+    summary = traces.get("summary", {})
+    grades = summary.get("grades", {})
+    out: list[tuple[str, Any]] = [
+        ("Setting", f"split `{cfg.data.split}`, cell lines {', '.join(cfg.data.cell_lines)}; teacher `{cfg.generate.teacher.model}`, "
+                    f"judge `{cfg.generate.judge.model}`, student base `{cfg.train.base_model or 'embedded SmolLM2-135M-Instruct'}`; "
+                    f"keep {cfg.generate.keep}, answer must match: {cfg.generate.require_answer_match}."),
+        ("All test pairs evaluated", (headers, _metric_rows(models))),
+        ("How to read this", NOTE),
+    ]
+    out += [(f"Cell line {cell}", (headers, _metric_rows(models, cell))) for cell in cells]
+    out.append(("Traces (teacher + judge)", (
+        ["rows", "kept", "rejected by grade", "rejected by answer", "errored", "tokens", "cost (USD)"],
+        [[_fmt(summary.get(k)) for k in ("rows", "accepted", "rejected_grade", "rejected_answer", "errored", "tokens")]
+         + [f"{summary.get('cost_usd', 0.0):.4f}"]],
+    )))
+    out.append(("Judge grades", (list(grades), [[_fmt(v) for v in grades.values()]])))
+    out.append(("Training", (
+        ["mode", "steps", "first loss", "final loss", "val loss", "tokens/s", "model"],
+        [[mode, *(_fmt(t.get(k)) for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_per_s")), t.get("model_uri") or "-"]
+         for mode, t in trained.items()],
+    )))
+    figures = [f"{name}/{png}" for name in models for png in ("confusion.png", "auroc_per_gene.png")]
+    out.append(("Confusion matrices and per-gene AUROC", figures))
+    return out
+
+
+def _md(title: str, content: Any) -> str:
+    if isinstance(content, str):
+        body = content
+    elif isinstance(content, tuple):
+        head, rows = content
+        body = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)])
+    else:
+        body = "\n".join(f"![{p}]({p})" for p in content)
+    return f"## {title}\n\n{body}\n"
+
+
+def _html(title: str, content: Any) -> str:
+    if isinstance(content, str):
+        body = f"<p>{html.escape(content)}</p>"
+    elif isinstance(content, tuple):
+        head, rows = content
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body_rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        body = f"<table><thead><tr>{cells}</tr></thead><tbody>{body_rows}</tbody></table>"
+    else:
+        body = "".join(f'<figure><img src="{html.escape(p)}" alt="{html.escape(p)}"><figcaption>{html.escape(p)}</figcaption></figure>' for p in content)
+    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
+
+
+STYLE = "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}img{max-width:32em}"
+
+
+def write(out: Path, cfg: Config, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict[str, Path]:
+    """report.md + report.html (+ the evaluation plots they show) in `out`."""
+    out = Path(out)
+    for name in evaluation["models"]:
+        for png in Path(evaluation["dir"], name).glob("*.png"):
+            (out / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, out / name / png.name)
+    parts = sections(cfg, traces, trained, evaluation)
+    title = "SynthPert pipeline report"
+    markdown = out / "report.md"
+    markdown.write_text(f"# {title}\n\n" + "\n".join(_md(t, c) for t, c in parts))
+    page = out / "report.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head>"
+                    f"<body><h1>{title}</h1>\n" + "".join(_html(t, c) for t, c in parts) + "</body></html>")
+    return {"markdown": markdown, "html": page}

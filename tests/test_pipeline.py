@@ -1,0 +1,104 @@
+"""The pipeline: skip-if-done keys, champion promotion, and the whole local run as a real Ray job
+against a real MLflow server, run twice (the second run skips every stage)."""
+
+import json
+import shlex
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from synthpert import tracking
+from synthpert.config import load_config
+from synthpert.pipeline import Pipeline, stage_key
+from tests.conftest import run_cli
+
+STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
+
+
+def test_stage_key_follows_inputs_not_output_paths():
+    base = load_config(None)
+    moved = load_config(None, ["train.output_dir=/elsewhere", "generate.output_dir=/x"])
+    assert stage_key(base, ("train", "generate")) == stage_key(moved, ("train", "generate"))
+    assert stage_key(base, ("train",)) != stage_key(load_config(None, ["train.lora_r=8"]), ("train",))
+    assert stage_key(base, ("train",), sft="a") != stage_key(base, ("train",), sft="b")
+
+
+def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    calls = []
+
+    def work(out):
+        calls.append(out)
+        (out / "thing.txt").write_text("x")
+        return {"value": len(calls)}
+
+    def broken(out):
+        raise RuntimeError("boom")
+
+    first = Pipeline(cfg, progress=False)
+    with pytest.raises(RuntimeError):
+        first.stage("s", "k1", broken)  # a crash leaves no stage.json: the stage is not done
+    assert first.stage("s", "k1", work)["value"] == 1
+    second = Pipeline(cfg, progress=False)
+    assert second.stage("s", "k1", work)["value"] == 1 and len(calls) == 1
+    assert second.skipped == ["s"] and second.ran == []
+    assert second.stage("s", "k2", work)["value"] == 2  # another key is another stage
+
+
+def test_champion_moves_only_to_a_better_version(tmp_path):
+    cfg = load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    tracking.setup(cfg.tracking)
+    client = MlflowClient()
+    client.create_registered_model("student")
+    for _ in range(3):
+        with mlflow.start_run():
+            mlflow.log_text("adapter", "adapter/a.txt")
+            client.create_model_version("student", f"{mlflow.get_artifact_uri()}/adapter", mlflow.active_run().info.run_id)
+    first = tracking.promote_if_better("student", "1", 0.60, "champion")
+    worse = tracking.promote_if_better("student", "2", 0.55, "champion")
+    better = tracking.promote_if_better("student", "3", 0.65, "champion")
+    assert first["promoted"] and not worse["promoted"] and better["promoted"]
+    assert str(client.get_model_version_by_alias("student", "champion").version) == "3"
+    assert client.get_model_version("student", "2").tags[tracking.SCORE_TAG] == "0.55"
+
+
+def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_server, tmp_path):
+    """configs/local.yaml, shrunk: submitted to a real Ray head, tracked on a real MLflow server."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.conftest import ray_job_env, wait_job
+
+    run_dir = tmp_path / "run"
+    args = [
+        "--config", "configs/local.yaml", "--json",
+        "--set", f"run_dir={run_dir}", "--set", f"tracking.tracking_uri={mlflow_server}",
+        "--set", "tracking.experiment=pipeline-test", "--set", "data.limit=6", "--set", "evaluate.limit=6",
+        "--set", "train.max_steps=2", "--set", "evaluate.bootstrap=20",
+        "--set", "generate.teacher.max_tokens=96", "--set", "train.max_seq_len=384",
+    ]  # fmt: skip
+    client = JobSubmissionClient(ray_head)
+    job = client.submit_job(entrypoint=f"python ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=ray_job_env())
+    status, logs = wait_job(client, job, timeout=900)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    result = json.loads(logs.strip().splitlines()[-1])
+    assert result["ran"] == STAGES and result["skipped"] == []
+    report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
+    for model in ("student-cot", "student-raw", "base", "trivial", "retrieval"):
+        assert f"| {model} |" in report
+    assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
+
+    tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=pipeline-test"]).tracking)
+    mlflow_client = MlflowClient()
+    parent = mlflow_client.get_run(result["mlflow_parent_run_id"])
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
+    assert {"generate", "train"} <= {r.data.tags["synthpert.stage"] for r in children}
+    champion = mlflow_client.get_model_version_by_alias("synthpert-student", "champion")
+    assert str(champion.version) == str(result["registered"]["version"])
+    assert "report/report.md" in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")]
+
+    again = run_cli("pipeline", *args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["ran"] == [] and second["skipped"] == STAGES
+    assert second["scores"] == result["scores"]
