@@ -151,7 +151,7 @@ class Pipeline:
             frames.update(baseline_predictions(self.cfg, truth, asked))
             results = {}
             for name, frame in frames.items():
-                metrics = evaluate.evaluate(frame, truth, bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed,
+                metrics = evaluate.evaluate(evaluate.check_predictions(frame, name), truth, bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed,
                                             progress=self.progress)
                 evaluate.write_report(metrics, out / name)
                 results[name] = metrics
@@ -183,9 +183,18 @@ class Pipeline:
 
 
 def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", and the GO baselines."""
-    trivial = asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])
-    return {"trivial": trivial}
+    """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", the GO baselines,
+    and, for a held-out cell line, the lookup of the same pair in the other lines."""
+    from synthpert.baselines import run_baseline
+
+    methods = ["retrieval", "kernel"] + (["transfer"] if cfg.data.split.startswith("holdout:") else [])
+    keys = ["cell_line", "pert", "gene"]
+    asked = asked[keys].astype(str)
+    out = {"trivial": asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])}
+    for method in methods:
+        frame, _ = run_baseline(truth, method, cfg.evaluate, cell_lines=sorted(set(asked["cell_line"])), progress=False)
+        out[method] = asked.merge(frame.astype({k: str for k in keys}), on=keys, how="left")
+    return out
 
 
 def _key_of(endpoint: EndpointConfig, cfg: Config):

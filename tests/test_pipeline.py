@@ -73,9 +73,9 @@ def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_ser
     args = [
         "--config", "configs/local.yaml", "--json",
         "--set", f"run_dir={run_dir}", "--set", f"tracking.tracking_uri={mlflow_server}",
-        "--set", "tracking.experiment=pipeline-test", "--set", "data.limit=6", "--set", "evaluate.limit=6",
+        "--set", "tracking.experiment=pipeline-test", "--set", "data.limit=4", "--set", "evaluate.limit=4",
         "--set", "train.max_steps=2", "--set", "evaluate.bootstrap=20",
-        "--set", "generate.teacher.max_tokens=96", "--set", "train.max_seq_len=384",
+        "--set", "generate.teacher.max_tokens=48", "--set", "train.max_seq_len=768",
     ]  # fmt: skip
     client = JobSubmissionClient(ray_head)
     job = client.submit_job(entrypoint=f"python ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=ray_job_env())
