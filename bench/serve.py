@@ -50,8 +50,9 @@ async def closed_loop(call: Any, clients: int, per_client: int) -> dict[str, Any
         nonlocal tokens
         for i in range(per_client):
             start = time.perf_counter()
-            tokens += await call(PROMPTS[(w * per_client + i) % len(PROMPTS)])
+            produced = await call(PROMPTS[(w * per_client + i) % len(PROMPTS)])
             latencies.append(time.perf_counter() - start)
+            tokens += produced
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(clients)))
@@ -101,7 +102,7 @@ def run_levels(call: Any, levels: list[int], per_client: dict[int, int]) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level (at least one per client)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least one per client)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--vllm-clients", default="32", help="client counts for vLLM ('' to skip vLLM)")
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip")

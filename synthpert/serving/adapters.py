@@ -5,8 +5,10 @@ sources (a registry, object storage) are added here and nowhere else.
 
 Registry layout (written by the train/pipeline stage): `models:/NAME@ALIAS` (or
 `models:/NAME/VERSION`) is a pyfunc model whose artifacts hold the PEFT adapter folder under the
-artifact key `adapter`; it is downloaded into the synthpert cache and the adapter is found by its
-`adapter_config.json` (the folder named `adapter` first).
+artifact key `adapter` (`log_model(..., artifacts={"adapter": dir})`). It is downloaded into the
+synthpert cache; the MLmodel file says where that artifact is (else the shallowest folder with an
+`adapter_config.json` is used). The tracking server comes from MLFLOW_TRACKING_URI in the
+replica's environment.
 """
 
 from __future__ import annotations
@@ -64,10 +66,25 @@ def _from_registry(uri: str) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
     except Exception as exc:  # mlflow raises several types; all mean "cannot fetch"
         raise SynthPertError(f"cannot download adapter {uri}: {exc}") from exc
-    found = sorted(target.rglob(ADAPTER_CONFIG), key=lambda p: (p.parent.name != "adapter", len(p.parts)))
+    declared = _pyfunc_artifact(target, "adapter")
+    if declared is not None and (declared / ADAPTER_CONFIG).is_file():
+        return declared
+    found = sorted(target.rglob(ADAPTER_CONFIG), key=lambda p: len(p.parts))
     if not found:
         raise SynthPertError(f"registered model {uri} holds no PEFT adapter ({ADAPTER_CONFIG} not found)")
     return found[0].parent
+
+
+def _pyfunc_artifact(model_dir: Path, key: str) -> Path | None:
+    """Where a pyfunc model keeps the artifact logged under `key` (from its MLmodel file)."""
+    import yaml
+
+    mlmodel = model_dir / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    entry = (flavor.get("artifacts") or {}).get(key)
+    return model_dir / entry["path"] if isinstance(entry, dict) and "path" in entry else None
 
 
 def load_error(name: str, exc: BaseException) -> APIError:

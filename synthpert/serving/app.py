@@ -218,7 +218,10 @@ def build_app(cfg: ServeConfig) -> Any:
 
         actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0, "runtime_env": code_env()}
         server = serve.deployment(HFServer, name="HFServer", ray_actor_options=actor, **engine_options(cfg)).bind(dumped)
+    # the ingress is cheap (async); beyond its own limit the proxy answers 503 + Retry-After too
     ingress = OpenAIIngress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+                                    max_queued_requests=cfg.ingress_max_ongoing_requests,
+                                    backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
                                     ray_actor_options={"num_cpus": 0, "runtime_env": code_env()})
     return ingress.bind(server, dumped)
 

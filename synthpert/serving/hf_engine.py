@@ -78,10 +78,11 @@ class HFEngine:
 
     # ---- adapters -------------------------------------------------------------------------
     def add_adapter(self, name: str, path: Path) -> None:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         if name in self.adapters:
             return
+        PeftConfig.from_pretrained(str(path))  # a broken folder fails here, before the model is touched
         if self.adapters:
             self.model.load_adapter(str(path), adapter_name=name)
         else:
@@ -268,6 +269,10 @@ class HFServer:
 
         cfg = ServeConfig.model_validate(serve_cfg)
         self.cfg = cfg
+        if not cfg.use_gpu:  # as many compute threads as CPUs reserved, in a replica or not
+            import torch
+
+            torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len)
         self._generate.set_max_batch_size(cfg.max_batch_size)

@@ -107,7 +107,10 @@ class VllmServer(LLMServer):
 
 def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: dict[str, Any]) -> Any:
     """The vLLM engine deployment for a ServeConfig, built with ray.serve.llm."""
-    engine_kwargs: dict[str, Any] = {"max_model_len": cfg.max_model_len, **cfg.engine_kwargs}
+    from synthpert.serving.app import context_length
+
+    model_dir = resolve_model(cfg.model)
+    engine_kwargs: dict[str, Any] = {"max_model_len": context_length(model_dir, cfg.max_model_len), **cfg.engine_kwargs}
     if cfg.adapters:
         engine_kwargs.setdefault("enable_lora", True)
         engine_kwargs.setdefault("max_loras", cfg.max_adapters_per_replica)
@@ -115,7 +118,7 @@ def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: di
     if not cfg.use_gpu:
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     llm_config = LLMConfig(
-        model_loading_config={"model_id": cfg.served_model_name, "model_source": str(resolve_model(cfg.model))},
+        model_loading_config={"model_id": cfg.served_model_name, "model_source": str(model_dir)},
         lora_config={"max_num_adapters_per_replica": cfg.max_adapters_per_replica} if cfg.adapters else None,
         accelerator_config={"kind": "gpu" if cfg.use_gpu else "cpu"},
         engine_kwargs=engine_kwargs,

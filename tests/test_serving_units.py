@@ -1,0 +1,100 @@
+"""Serving pieces without Serve: request validation, adapter sources (local + MLflow registry),
+and the batched decoder against one-at-a-time decoding on the real embedded model."""
+
+from __future__ import annotations
+
+import pytest
+
+from synthpert.errors import SynthPertError
+from synthpert.serving.adapters import check_adapter_names, parse_adapter_specs, resolve_adapter
+from synthpert.serving.protocol import ChatRequest, Sampling
+from tests.serving_util import make_lora_adapters
+
+
+def test_adapter_specs_and_names():
+    assert parse_adapter_specs(["a=/x", "b=models:/student@champion"]) == {"a": "/x", "b": "models:/student@champion"}
+    with pytest.raises(SynthPertError, match="NAME=PATH_OR_URI"):
+        parse_adapter_specs(["a"])
+    with pytest.raises(SynthPertError, match="clashes"):
+        check_adapter_names({"base": "/x"}, "base")
+
+
+def test_local_adapter_must_be_a_peft_folder(tmp_path):
+    with pytest.raises(SynthPertError, match="adapter_config.json"):
+        resolve_adapter(str(tmp_path))
+
+
+def test_request_rules():
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ChatRequest(model="m", messages=msgs, stop="x").stop == ["x"]
+    for bad in ({"top_logprobs": 2}, {"n": 2, "temperature": 0}, {"stop": ["a"] * 5}, {"guided_choice": ["a", "a"]},
+                {"continue_final_message": True}, {"unknown": 1}):
+        with pytest.raises(ValueError):
+            ChatRequest(model="m", messages=msgs, **bad)
+
+
+@pytest.fixture(scope="module")
+def engine(embedded_model):
+    from synthpert.serving.hf_engine import HFEngine
+
+    return HFEngine(embedded_model, 2048)
+
+
+def _ids(engine, question):
+    req = ChatRequest(model="base", messages=[{"role": "user", "content": question}])
+    return engine.tokenizer(req.prompt_text(engine.tokenizer), add_special_tokens=False).input_ids
+
+
+def _decode(engine, jobs):
+    decoding, texts = engine.start(jobs), {}
+    while not decoding.done:
+        for j, deltas in enumerate(decoding.step()):
+            for d in deltas:
+                texts[j, d.index] = texts.get((j, d.index), "") + d.text
+    return texts
+
+
+def test_batched_greedy_equals_one_at_a_time(engine):
+    from synthpert.serving.hf_engine import Job
+
+    questions = ["What is the capital of France?", "Say hi.", "List three prime numbers."]
+    jobs = [Job(_ids(engine, q), Sampling(max_tokens=6 + 3 * i, temperature=0)) for i, q in enumerate(questions)]
+    batched = _decode(engine, jobs)  # left padding, different lengths, rows finishing at different steps
+    for j, job in enumerate(jobs):
+        assert batched[j, 0] == _decode(engine, [job])[0, 0]
+
+
+def test_loglikelihood_ranks_the_obvious_answer(engine):
+    from synthpert.serving.hf_engine import continuation_pairs
+
+    req = ChatRequest(model="base", messages=[{"role": "user", "content": "What is the capital of France?"},
+                                              {"role": "assistant", "content": "The capital of France is"}],
+                      continue_final_message=True)
+    text = req.prompt_text(engine.tokenizer)
+    assert text.endswith("The capital of France is")  # continued, no new turn
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    pairs = continuation_pairs(engine.tokenizer, text, ids, [" Paris", " a banana"])
+    paris, banana = engine.loglikelihoods(pairs, None)
+    assert paris > banana
+
+
+def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_model):
+    import mlflow
+
+    (adapter,) = make_lora_adapters(embedded_model, [tmp_path / "student-adapter"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    monkeypatch.setenv("SYNTHPERT_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+
+    class AdapterModel(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=AdapterModel(), artifacts={"adapter": str(adapter)},
+                                       registered_model_name="student", pip_requirements=[])
+    mlflow.MlflowClient().set_registered_model_alias("student", "champion", info.registered_model_version)
+    path = resolve_adapter("models:/student@champion")
+    assert (path / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
+    with pytest.raises(SynthPertError, match="cannot download"):
+        resolve_adapter("models:/student@nope")
