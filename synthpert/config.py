@@ -134,6 +134,8 @@ class TrainConfig(Section):
     validation_fraction: float = 0.1
     checkpoint_every_steps: int | None = None  # None: a checkpoint at the end of every epoch
     checkpoints_to_keep: int = 2
+    # Ray Train storage for checkpoints; None: OUTPUT/ray. Multi-node: shared storage (NFS path, s3://…)
+    storage_path: str | None = None
     max_failures: int = 1
     # "torch": torch AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam /
     # DeepSpeedCPUAdam (JIT-built with ninja on first use, the faster choice with optimizer offload)

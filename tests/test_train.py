@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -213,10 +214,59 @@ def test_cli_reports_bad_input_and_exits_2(tmp_path):
 # ---------------------------------------------------------------- real distributed runs
 
 
-def test_zero3_two_workers_learns_and_saves_gathered_adapter(traces, tmp_path, embedded_model):
-    """ZeRO-3 partitions every weight across the 2 workers; the saved adapter must be gathered."""
-    cfg = load_config(None, [*TINY, "train.zero_stage=3", "train.max_steps=4", "tracking.enabled=false"])
+def _our_train_workers() -> list[int]:
+    """Pids of Ray Train workers descended from this test process (never another session's)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+            parents[int(pid)] = int(rest.rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    workers = []
+    for pid in parents:
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker") and ours(pid):
+                workers.append(pid)
+        except OSError:
+            continue
+    return workers
+
+
+def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_path, embedded_model):
+    """ZeRO-3 partitions every weight across the 2 workers. A worker killed after the first
+    checkpoint is restarted by Ray Train (FailureConfig) from that ZeRO-3 checkpoint; the saved
+    adapter must be gathered (non-zero lora_B, same logits as the in-memory model)."""
+    cfg = load_config(None, [*TINY, "train.zero_stage=3", "train.max_steps=4", "train.checkpoint_every_steps=2",
+                             "train.max_failures=1", "tracking.enabled=false"])
+    snapshot = tmp_path / "run" / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not killed:
+            if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
+                workers = _our_train_workers()
+                if workers:
+                    os.kill(max(workers), signal.SIGKILL)
+                    killed.append(max(workers))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    watcher.start()
     summary = train(cfg, traces, tmp_path / "run")
+    watcher.join(timeout=1)
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert killed and state["resumed_from"] and state["resumed_from"][0] >= 2
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]
     assert summary["steps"] == 4 and summary["mlflow_run_id"] is None
     assert summary["final_loss"] < 0.7 * summary["first_loss"]
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)

@@ -35,6 +35,7 @@ REQUIRED = {"cot": ("cell_line", "pert", "gene", "label", "messages"), "raw": ("
 RUN_NAME = "train"  # Ray Train run name under OUTPUT/ray: the same name is what --resume finds
 PROBE_TEXT = "Knocking down a gene with CRISPRi can change the expression of other genes."
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_OBJECT_STORE = 300 * 2**20  # bytes; tokenised traces are small and Ray spills beyond this
 
 
 def check_traces(data_dir: str | Path, mode: str) -> Path:
@@ -89,6 +90,9 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, An
     """Materialised Ray Datasets (train shuffled once; validation) and their row/example counts."""
     import ray.data
 
+    context = ray.data.DataContext.get_current()  # travels with the datasets into the workers
+    context.enable_progress_bars = False  # a few small datasets: bars only bury the training log
+    context.print_on_execution_start = False
     source = ray.data.read_parquet(str(sft), columns=list(REQUIRED[tc.mode]))
     tokenized = source.map_batches(
         _tokenize_batch,
@@ -129,20 +133,40 @@ def make_plan(tc: TrainConfig, counts: dict[str, int]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def ray_session(num_cpus: float) -> Iterator[None]:
-    """Use the Ray cluster already connected, or RAY_ADDRESS, else start a private local one."""
+    """Use the Ray cluster already connected, or RAY_ADDRESS, else start a private local one.
+
+    On a cluster the code comes with the job (`ray job submit --working-dir`, or an installed
+    package); a private local cluster gets this checkout on its workers' PYTHONPATH.
+    """
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = os.environ.get("RAY_ADDRESS")
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    local = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-    ray.init(address=address or "local", runtime_env={"env_vars": {"PYTHONPATH": path}}, **local)
+    if address:
+        ray.init(address=address)
+    else:
+        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+        ray.init(
+            address="local",  # never join another local cluster by accident
+            num_cpus=num_cpus,
+            object_store_memory=LOCAL_OBJECT_STORE,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _has_run(storage: str) -> bool:
+    """Whether Ray Train storage (a local path or a URI) already holds this stage's run."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else Path(storage).resolve().as_uri())
+    return fs.get_file_info(f"{root}/{RUN_NAME}/checkpoint_manager_snapshot.json").type != pyarrow.fs.FileType.NotFound
 
 
 def _export(checkpoint, output: Path) -> dict[str, Any]:
@@ -182,9 +206,8 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
     sft = check_traces(data_dir, tc.mode)
     model_dir = resolve_model(tc.base_model)
     check_target_modules(model_dir, tc.target_modules)
-    storage = output / "ray"
-    previous = (storage / RUN_NAME / "checkpoint_manager_snapshot.json").is_file()
-    if previous and not resume:
+    storage = tc.storage_path or str(output / "ray")
+    if _has_run(storage) and not resume:
         raise SynthPertError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
     traces_manifest = read_manifest(data_dir) or {}
     traces_run_id = traces_manifest.get("mlflow_run_id")
@@ -194,10 +217,10 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
 
     with ray_session(max(os.cpu_count() or 1, tc.num_workers * tc.cpus_per_worker)):
         train_ds, val_ds, counts = build_datasets(sft, model_dir, tc)
-        plan = make_plan(tc, counts)
-        plan.update(base_model=str(model_dir), probe_ids=probe_ids, pad_id=pad_id)
+        steps = make_plan(tc, counts)
+        plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id}
         tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
-        with tracking.stage_run(cfg, "train", sections=("train",), params={"plan": {**counts, **plan}}, tags=tags) as run_id:
+        with tracking.stage_run(cfg, "train", sections=("train",), params={"plan": {**counts, **steps}}, tags=tags) as run_id:
             if run_id:
                 plan["mlflow"] = {"tracking_uri": tracking.portable_uri(cfg.tracking.tracking_uri), "run_id": run_id}
                 tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu), "deepspeed_config.json")
@@ -208,7 +231,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
                 run_config=RunConfig(
                     name=RUN_NAME,
-                    storage_path=str(storage),
+                    storage_path=storage,
                     checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
                     failure_config=FailureConfig(max_failures=tc.max_failures),
                 ),
@@ -227,6 +250,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 "tokens": state["tokens"],
                 "tokens_per_s": state["tokens"] / state["train_time_s"] if state["train_time_s"] else 0.0,
                 "train_time_s": state["train_time_s"],
+                "tokens_per_cpu_s": state["tokens"] / state["cpu_time_s"] if state["cpu_time_s"] else 0.0,
                 "peak_memory_mb": state.get("peak_memory_mb"),
                 "adapter_path": str(adapter),
                 "lora_b_nonzero": lora_b_nonzero,
@@ -238,7 +262,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
             if run_id:
                 registered = tracking.log_adapter_model(
                     adapter,
-                    base_model=tc.base_model or "embedded",
+                    base_model=str(model_dir) if tc.base_model else "embedded",  # "embedded" resolves anywhere
                     registered_model_name=tc.registered_model_name,
                     alias=tc.mode if tc.registered_model_name else None,
                     tags={"synthpert.train_run_id": run_id, "synthpert.mode": tc.mode, **tags},

@@ -156,31 +156,25 @@ class _Reporter:
             )
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker. `loop` carries the train config and the driver's plan (steps, paths)."""
+def build_engine(cfg: TrainConfig, plan: dict[str, Any], world: int, device):
+    """The DeepSpeed engine around base model + LoRA, plus the ZeRO-3 hint object (or None).
+
+    Under ZeRO-3, while `HfDeepSpeedConfig` lives, `from_pretrained` loads weights straight into
+    partitions (`deepspeed.zero.Init`): an 8B model never sits whole in one worker's memory.
+    """
     import deepspeed
-    import ray.train
-    import ray.train.torch
     import torch
 
-    from synthpert import tracking
-
-    cfg = TrainConfig.model_validate(loop["train"])
-    plan = loop["plan"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
     _skip_shm_comm_build()
     deepspeed.init_distributed()  # wraps the process group Ray Train set up (gloo on CPU, NCCL on GPU)
-
     ds_config = deepspeed_config(cfg, world, on_gpu)
     zero3_hint = None
-    if cfg.zero_stage == 3:  # while this object lives, from_pretrained loads straight into ZeRO-3 partitions
+    if cfg.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        zero3_hint = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        zero3_hint = HfDeepSpeedConfig(ds_config)
     model = load_lora_model(plan["base_model"], cfg, torch.bfloat16 if on_gpu else torch.float32)
     params = _lora_parameters(model)
     optimizer = None
@@ -193,8 +187,26 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         lr_scheduler=partial(lr_schedule, cfg=cfg, total_steps=plan["total_steps"]),
         config=ds_config,
     )
+    return engine, zero3_hint
 
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "train_time_s": 0.0, "history": [], "validation": [], "resumed_from": []}
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker. `loop` carries the train config and the driver's plan (steps, paths)."""
+    import ray.train
+    import ray.train.torch
+
+    from synthpert import tracking
+
+    cfg = TrainConfig.model_validate(loop["train"])
+    plan = loop["plan"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    engine, zero3_hint = build_engine(cfg, plan, world, device)  # noqa: F841 (the hint must outlive training)
+
+    state: dict[str, Any] = {
+        "step": 0, "tokens": 0, "train_time_s": 0.0, "cpu_time_s": 0.0, "history": [], "validation": [], "resumed_from": []
+    }
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # --resume, or a restart after a worker failure
         with checkpoint.as_directory() as directory:
@@ -222,7 +234,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     while state["step"] < total_steps:
         epoch, done = divmod(state["step"], steps_per_epoch)
         skip, stop = done * cfg.grad_accum, steps_per_epoch * cfg.grad_accum
-        loss_sum, tokens, started = 0.0, 0, time.perf_counter()
+        loss_sum, tokens, started, cpu_started = 0.0, 0, time.perf_counter(), time.process_time()
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             collate_fn=_collate_fn(pad_id),
@@ -241,11 +253,14 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             loss_sum += float(loss.detach())
             if (index + 1) % cfg.grad_accum:
                 continue
-            loss_sum, tokens, elapsed = _all_reduce([loss_sum, tokens, time.perf_counter() - started], device)
+            loss_sum, tokens, elapsed, cpu = _all_reduce(
+                [loss_sum, tokens, time.perf_counter() - started, time.process_time() - cpu_started], device
+            )
             elapsed /= world  # the ranks' mean wall time for this step
             state["step"] += 1
             state["tokens"] += int(tokens)
             state["train_time_s"] += elapsed
+            state["cpu_time_s"] += cpu  # summed over ranks: tokens per CPU-second is immune to a busy machine
             entry = {
                 "step": state["step"],
                 "epoch": state["step"] / steps_per_epoch,
@@ -259,7 +274,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             due = cfg.checkpoint_every_steps and state["step"] % cfg.checkpoint_every_steps == 0
             if due and state["step"] < total_steps:
                 reporter.checkpoint(state, metrics({}))
-            loss_sum, tokens, started = 0.0, 0, time.perf_counter()
+            loss_sum, tokens, started, cpu_started = 0.0, 0, time.perf_counter(), time.process_time()
         epoch_done = state["step"] == (epoch + 1) * steps_per_epoch
         if epoch_done or state["step"] >= total_steps:
             val = validation_loss(engine, val_shard, cfg.batch_size, pad_id, device) if val_shard else None
