@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from synthpert import prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
+from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_constraint, grade_histogram
@@ -142,28 +143,6 @@ def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig)
         knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
         context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
     return frame.assign(context=context)
-
-
-@contextlib.contextmanager
-def _ray() -> Iterator[None]:
-    """Use the Ray cluster we are in (a job, a test) or start a private local one for this run."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        address=address or "local",
-        include_dashboard=False,
-        runtime_env=None if address else {"env_vars": {"PYTHONPATH": path}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
@@ -284,7 +263,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             from synthpert.serving import running
 
             own = stack.enter_context(running(cfg.serve))  # joins or starts Ray sized for the endpoint
-        stack.enter_context(_ray())
+        stack.enter_context(ray_session())
         urls = {"teacher": g.teacher.base_url or own, "judge": g.judge.base_url or own}
         with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))

@@ -222,9 +222,11 @@ def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is."""
     from synthpert.cluster import ray_session
+    from synthpert.serving.app import cluster_cpus
 
     pipeline = Pipeline(cfg, progress)
-    with ray_session(), tracking.pipeline_run(cfg) as parent_id:
+    needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
+    with ray_session(needs), tracking.pipeline_run(cfg) as parent_id:
         traces = pipeline.traces()
         trained = {mode: pipeline.train(traces, mode) for mode in ("cot", "raw")}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))

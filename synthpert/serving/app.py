@@ -29,6 +29,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from synthpert.cluster import code_env
 from synthpert.config import ServeConfig, load_config
 from synthpert.models import resolve_model
 from synthpert.serving.adapters import check_adapter_names
@@ -190,11 +191,6 @@ class OpenAIIngress:
 
 
 # ---- building and running the application -------------------------------------------------
-def code_env() -> dict[str, Any]:
-    """Ray workers import synthpert from where this process did (works from a source checkout)."""
-    return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
-
-
 def engine_options(cfg: ServeConfig) -> dict[str, Any]:
     """Serve options of the engine deployment (a Serve config file may override them)."""
     return {

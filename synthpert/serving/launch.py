@@ -8,7 +8,6 @@ binds loopback only unless a config says otherwise.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import threading
@@ -21,7 +20,8 @@ import yaml
 
 from synthpert.config import ServeConfig
 from synthpert.errors import SynthPertError
-from synthpert.serving.app import build_app, cluster_cpus, code_env, config_from_args
+from synthpert.cluster import ray_session
+from synthpert.serving.app import build_app, cluster_cpus, config_from_args
 
 APP_NAME = "synthpert"
 
@@ -30,22 +30,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _ray(cfg: ServeConfig) -> Iterator[None]:
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    extra = {"num_cpus": cluster_cpus(cfg), "object_store_memory": 300 * 2**20} if address == "local" else {}
-    ray.init(address=address, include_dashboard=False, runtime_env=code_env(), **extra)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _proxy_url() -> str:
@@ -85,7 +69,7 @@ def running(serve_cfg: ServeConfig, name: str = APP_NAME) -> Iterator[str]:
     """
     from ray import serve
 
-    with _ray(serve_cfg), _serve("127.0.0.1", free_port()):
+    with ray_session(cluster_cpus(serve_cfg)), _serve("127.0.0.1", free_port()):
         serve.run(build_app(serve_cfg), name=name, route_prefix=f"/{name}")
         try:
             yield f"{_proxy_url()}/{name}/v1"
@@ -155,7 +139,7 @@ def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None
         assert cfg is not None
         cfg.adapters = {**cfg.adapters, **adapters}
         host, port = cfg.host, cfg.port if port is None else port
-    with _ray(cfg), _serve(host, port):
+    with ray_session(cluster_cpus(cfg)), _serve(host, port):
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())

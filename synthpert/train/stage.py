@@ -8,20 +8,19 @@ raises SynthPertError before any training worker starts.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 
 from synthpert import tracking
 from synthpert.artifacts import read_manifest, write_manifest
+from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, TrainConfig
 from synthpert.errors import SynthPertError
 from synthpert.models import resolve_model
@@ -34,8 +33,6 @@ SFT_FILE = "sft.parquet"
 REQUIRED = {"cot": ("cell_line", "pert", "gene", "label", "messages"), "raw": ("cell_line", "pert", "gene", "label")}
 RUN_NAME = "train"  # Ray Train run name under OUTPUT/ray: the same name is what --resume finds
 PROBE_TEXT = "Knocking down a gene with CRISPRi can change the expression of other genes."
-REPO_ROOT = Path(__file__).resolve().parents[2]
-LOCAL_OBJECT_STORE = 300 * 2**20  # bytes; tokenised traces are small and Ray spills beyond this
 
 
 def check_traces(data_dir: str | Path, mode: str) -> Path:
@@ -131,36 +128,6 @@ def make_plan(tc: TrainConfig, counts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: float) -> Iterator[None]:
-    """Use the Ray cluster already connected, or RAY_ADDRESS, else start a private local one.
-
-    On a cluster the code comes with the job (`ray job submit --working-dir`, or an installed
-    package); a private local cluster gets this checkout on its workers' PYTHONPATH.
-    """
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-        ray.init(
-            address="local",  # never join another local cluster by accident
-            num_cpus=num_cpus,
-            object_store_memory=LOCAL_OBJECT_STORE,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": path}},
-        )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _has_run(storage: str) -> bool:
     """Whether Ray Train storage (a local path or a URI) already holds this stage's run."""
     import pyarrow.fs
@@ -215,7 +182,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
     pad_id = _tokenizer(str(model_dir)).pad_token_id
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
 
-    with ray_session(max(os.cpu_count() or 1, tc.num_workers * tc.cpus_per_worker)):
+    with ray_session(tc.num_workers * tc.cpus_per_worker):
         train_ds, val_ds, counts = build_datasets(sft, model_dir, tc)
         steps = make_plan(tc, counts)
         plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id}
