@@ -104,7 +104,7 @@ def run_levels(call: Any, levels: list[int], per_client: dict[int, int]) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least one per client)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per level (at least two per client)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--vllm-clients", default="32", help="client counts for vLLM ('' to skip vLLM)")
     parser.add_argument("--skip", default="", help="comma list of scenarios to skip")
@@ -119,7 +119,7 @@ def main() -> None:
 
     levels = [int(c) for c in args.clients.split(",")]
     vllm_levels = [int(c) for c in args.vllm_clients.split(",") if c]
-    per_client = {c: max(1, args.requests // c) for c in {*levels, *vllm_levels}}
+    per_client = {c: max(2, args.requests // c) for c in {*levels, *vllm_levels}}  # >= 2 rounds each
     skip = set(args.skip.split(",")) - {""}
     batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256, max_queued_requests=-1)
     unbatched = batched.model_copy(update={"max_batch_size": 1})
