@@ -35,9 +35,14 @@ def test_request_rules():
 
 @pytest.fixture(scope="module")
 def engine(embedded_model):
+    import torch
+
     from synthpert.serving.hf_engine import HFEngine
 
-    return HFEngine(embedded_model, 2048)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a replica; on a busy shared box more threads only spin
+    yield HFEngine(embedded_model, 2048)
+    torch.set_num_threads(threads)
 
 
 def _ids(engine, question):

@@ -21,8 +21,10 @@ def client(tmp_path_factory, embedded_model):
     (adapter,) = make_lora_adapters(embedded_model, [tmp_path_factory.mktemp("vllm") / "ad1"])
     cfg = ServeConfig(engine="vllm", adapters={"ad1": str(adapter)}, max_model_len=1024, max_lora_rank=8,
                       engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
-    with running(cfg) as base_url:
-        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("SYNTHPERT_API_KEY", raising=False)  # auth off: any bearer token is accepted
+        with running(cfg) as base_url:
+            yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
 
 
 def test_vllm_chat_stream_and_adapter(client):

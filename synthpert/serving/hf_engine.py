@@ -328,22 +328,24 @@ class HFServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def _generate(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
+        """One step's Deltas per job; a job's stream ends (StopIteration) right after its last."""
         decoding = await self._call(self.engine.start, jobs)
         left = [job.sampling.n for job in jobs]
         while not decoding.done:
             step = await self._call(decoding.step)
-            yield [StopIteration if left[j] == 0 else deltas for j, deltas in enumerate(step)]
+            yield step
+            ended = False
             for j, deltas in enumerate(step):
-                left[j] -= sum(d.finish_reason is not None for d in deltas)
+                finished = sum(d.finish_reason is not None for d in deltas)
+                left[j] -= finished
+                ended |= finished > 0 and left[j] == 0
+            if ended:
+                yield [StopIteration if n == 0 else [] for n in left]
 
     async def _deltas(self, req: ChatRequest, prompt_ids: list[int]) -> AsyncIterator[list[Delta]]:
         async with self._adapter_for_request() as adapter:
-            left = req.n
             async for deltas in self._generate(Job(prompt_ids, req.sampling(), adapter)):
                 yield deltas
-                left -= sum(d.finish_reason is not None for d in deltas)
-                if left == 0:
-                    return
 
     async def complete(self, request: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
         req = ChatRequest.model_validate(request)

@@ -7,7 +7,7 @@ logprobs, streaming, continue_final_message). What we add: adapters from a local
 MLflow URI (its loader only knows s3/gs/azure buckets) and the two methods our ingress calls.
 Its OpenAI ingress (`build_openai_app`) is not used: ours adds auth, likelihood-ranked
 `guided_choice` and the error contract, identically for both engines.
-Nothing here imports vllm until a vllm application is actually built.
+`ray.serve.llm` imports vllm, so this module is imported only when a vllm application is built.
 """
 
 from __future__ import annotations
