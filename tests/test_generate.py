@@ -49,6 +49,7 @@ def _fake_cfg(api: FakeAPI, tmp_path: Path, *extra: str):
             f"generate.output_dir={tmp_path / 'traces'}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "data.knowledge.enabled=false",
+            "data.cell_lines=[k562]",  # one cell line loads faster; the pipeline is the same
             *extra,
         ],
     )
@@ -172,7 +173,7 @@ def _cli(tmp_path: Path, api: FakeAPI, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_PROVIDER_KEY": SECRET}
     args = [
         "generate", "--teacher-base-url", api.base_url, "--teacher-model", "fake-teacher", "--judge-model", "fake-judge",
-        "--limit", "40", "--concurrency", "4", "--keep", "excellent,good", "--output", str(out), "--json",
+        "--cell-line", "k562", "--limit", "40", "--concurrency", "4", "--keep", "excellent,good", "--output", str(out), "--json",
         "--set", "generate.teacher.api_key_env=FAKE_PROVIDER_KEY", "--set", "data.knowledge.enabled=false",
         "--set", "generate.actors=1", "--set", "tracking.enabled=false",  # fewer processes to start twice
     ]
