@@ -102,7 +102,7 @@ class Pipeline:
             cfg.train.mode = mode
             if mode == "raw" and cfg.train.registered_model_name:
                 cfg.train.registered_model_name += "-raw"  # the baseline never competes for champion
-            return train(cfg, traces["dir"], output_dir=out)
+            return train(cfg, traces["dir"], output_dir=out, resume=True)  # a crashed attempt continues
 
         key = stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"])
         return self.stage(f"train-{mode}", key, run)
