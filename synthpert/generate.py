@@ -145,7 +145,7 @@ def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig)
     return frame.assign(context=context)
 
 
-def _api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
+def api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
     """The endpoint's key from its env var (our own endpoint: the serve key), kept out of reprs."""
     key = endpoint.api_key()
     if key is None and endpoint.base_url is None:
@@ -166,11 +166,11 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
-        base_url=urls["teacher"], api_key=_api_key(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
-        base_url=urls["judge"], api_key=_api_key(g.judge, cfg), cache_path=cache_path,
+        base_url=urls["judge"], api_key=api_key(g.judge, cfg), cache_path=cache_path,
         keep=g.keep, require_answer_match=g.require_answer_match, extra_body=grade_constraint(g),
     )
     frames = []

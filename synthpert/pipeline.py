@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -110,6 +109,7 @@ class Pipeline:
     def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
         """Every model over the same test tuples; our endpoint is started only if some are missing."""
         from synthpert import predict
+        from synthpert.generate import api_key
 
         keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"]) for name, spec in models.items()}
         if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
@@ -130,7 +130,7 @@ class Pipeline:
                 def run(out: Path, endpoint=endpoint, spec=spec) -> dict:
                     frame = predict.predict(
                         self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
-                        api_key=_key_of(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
+                        api_key=api_key(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
                     )
                     return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model}
 
@@ -195,13 +195,6 @@ def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) 
         frame, _ = run_baseline(truth, method, cfg.evaluate, cell_lines=sorted(set(asked["cell_line"])), progress=False)
         out[method] = asked.merge(frame.astype({k: str for k in keys}), on=keys, how="left")
     return out
-
-
-def _key_of(endpoint: EndpointConfig, cfg: Config):
-    from pydantic import SecretStr
-
-    key = endpoint.api_key() or (os.environ.get(cfg.serve.api_key_env) if endpoint.base_url is None else None)
-    return SecretStr(key) if key else None
 
 
 def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]:
