@@ -90,6 +90,7 @@ def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_mo
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     monkeypatch.setenv("SYNTHPERT_CACHE", str(tmp_path / "cache"))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    mlflow.set_experiment("registry")  # not the experiment id an earlier test left active in this process
 
     class AdapterModel(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input):
