@@ -182,21 +182,28 @@ def _check_method(method: str) -> None:
         raise SynthPertError(f"unknown baseline method {method!r}; choose one of {list(METHODS)}")
 
 
-def run_baseline(pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lines=None, knowledge: Knowledge | None = None, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+def run_baseline(
+    pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lines=None, knowledge: Knowledge | None = None, progress: bool = True, data_dir: str | Path | None = None
+) -> tuple[pd.DataFrame, dict]:
     """Predictions of `method` for the test rows of `cell_lines` (None: every line with test rows).
 
-    `pairs` carries its split (`apply_split`). Returns the predictions and, per cell line, what
-    was used (pool size, k or the CV-chosen bandwidths with their CV scores).
+    `pairs` carries its split (`apply_split`). GO annotations: `knowledge`, else loaded from
+    `data_dir` keeping terms up to `cfg.go_max_genes` genes. Returns the predictions and, per cell
+    line, what was used (pool size, k or the CV-chosen bandwidths with their CV scores).
     """
     _check_method(method)
     test, train = pairs[pairs["split"] == "test"], pairs[pairs["split"] == "train"]
     cells = [c for c in CELL_LINES if (test["cell_line"] == c).any() and (cell_lines is None or c in cell_lines)]
     if not cells:
         raise SynthPertError(f"no test pairs for cell line(s) {cell_lines} under split {pairs.attrs.get('split', 'perturbqa')!r}")
-    if method != "transfer" and knowledge is None:
-        knowledge = Knowledge.load(cfg=KnowledgeConfig(max_go_gene_count=cfg.go_max_genes or 10**9))
+    load_go = method != "transfer" and knowledge is None
     frames, info = [], {}
-    for cell in tqdm(cells, desc=f"baseline {method}", unit="cell line", disable=not progress):
+    bar = tqdm(total=len(cells) + load_go, desc="GO annotations", unit="step", disable=not progress)
+    if load_go:
+        knowledge = Knowledge.load(data_dir, KnowledgeConfig(max_go_gene_count=cfg.go_max_genes or 10**9))
+        bar.update()
+    for cell in cells:
+        bar.set_description(f"baseline {method} {cell}")
         query = test[test["cell_line"] == cell]
         own = train[train["cell_line"] == cell]
         pool_rows = train[train["cell_line"] != cell] if method == "transfer" or own.empty else own
@@ -216,6 +223,8 @@ def run_baseline(pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lin
                 de, up = kernel_scores(nb, sim, chosen["tau_de"], chosen["tau_dir"])
                 info[cell].update(chosen)
         frames.append(to_predictions(query, de, up))
+        bar.update()
+    bar.close()
     return pd.concat(frames, ignore_index=True), info
 
 
@@ -224,7 +233,7 @@ def baseline_report(cfg: Config, method: str, cell_lines=None, predictions_out: 
     predictions.parquet, manifest) goes to `<evaluate.output_dir>/baseline-<method>-<split>/`."""
     _check_method(method)  # before the data load
     truth = load_truth(cfg.data)
-    predictions, info = run_baseline(truth, method, cfg.evaluate, cell_lines, progress=progress)
+    predictions, info = run_baseline(truth, method, cfg.evaluate, cell_lines, progress=progress, data_dir=cfg.data.data_dir)
     out_dir = Path(cfg.evaluate.output_dir) / f"baseline-{method}-{cfg.data.split.replace(':', '-')}"
     written = [write_predictions(predictions, out_dir / "predictions.parquet")]
     if predictions_out is not None:
