@@ -1,9 +1,11 @@
 """The light engine: transformers on CPU (or one GPU), with real batched generation.
 
-Concurrent requests that arrive within `batch_wait_timeout_s` are decoded together: prompts are
-left-padded into one tensor, every decode step is ONE forward pass for the whole batch (KV cache,
-finished rows dropped from the batch), and each row keeps its own sampling parameters, seed,
-stop strings and adapter (PEFT mixed-adapter batches: `adapter_names` per row).
+`@serve.batch` gathers the requests that arrive within `batch_wait_timeout_s` into a group; a
+group is prefilled in one forward pass (prompts left-padded) and then joins the batch already
+decoding (continuous batching: its KV cache is left-padded and concatenated onto the running one).
+Every decode step is ONE forward pass for all running rows (at most `max_batch_size`); finished
+rows leave the batch at once. Each row keeps its own sampling parameters, seed, stop strings and
+adapter (PEFT mixed-adapter batches: `adapter_names` per row).
 """
 
 from __future__ import annotations
