@@ -110,3 +110,20 @@ def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_mo
     assert (path / "adapter_config.json").read_text() == (adapter / "adapter_config.json").read_text()
     with pytest.raises(SynthPertError, match="cannot download"):
         resolve_adapter("models:/student@nope")
+
+
+def test_shared_prefix_loglikelihoods_equal_one_full_pass_per_choice(engine):
+    """The prompt runs once for all choices: the scores must equal scoring each (context +
+    continuation) alone, also when one context is a token shorter (a merge across the boundary)."""
+    import torch
+
+    ids = _ids(engine, "Is the gene upregulated?")
+    yes, no = (engine.tokenizer(w, add_special_tokens=False).input_ids for w in (" yes", " not differentially expressed"))
+    pairs = [(ids, yes), (ids, no), (ids[:-1], ids[-1:] + no)]
+
+    def alone(ctx, cont):
+        with torch.inference_mode():
+            logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ctx + cont])).logits.float(), -1)[0]
+        return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
+
+    assert engine.loglikelihoods(pairs, None) == pytest.approx([alone(*p) for p in pairs], abs=1e-3)

@@ -105,25 +105,38 @@ class HFEngine:
 
     # ---- scoring --------------------------------------------------------------------------
     def loglikelihoods(self, pairs: list[tuple[list[int], list[int]]], adapter: str | None) -> list[float]:
-        """Summed log-probability of each continuation after its context (one batched forward)."""
+        """Summed log-probability of each continuation after its context. The contexts' common
+        prefix (for guided_choice: the whole prompt) runs once and its KV cache is shared by every
+        choice: scoring k choices costs one prompt, not k (the judge's 5 grades: ~5x less)."""
         torch = self.torch
         seqs = [ctx + cont for ctx, cont in pairs]
-        width = max(len(s) for s in seqs)
+        shared = min(min(len(ctx) for ctx, _ in pairs), _common_prefix(seqs))
+        if shared == 0:
+            raise ValueError("continuations are scored after a shared, non-empty context")
+        rests = [s[shared:] for s in seqs]  # never empty: every continuation has a token
+        width = max(len(r) for r in rests)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):  # right padding: positions stay 0..len-1
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        kwargs = {"adapter_names": [adapter or BASE] * len(seqs)} if self.adapters else {}
+        mask = torch.ones((len(seqs), shared + width), dtype=torch.long)
+        for i, rest in enumerate(rests):  # right padding: pads come after every scored token
+            ids[i, : len(rest)] = torch.tensor(rest)
+            mask[i, shared + len(rest):] = 0
+        positions = torch.arange(shared, shared + width).expand(len(seqs), -1)
+        names = lambda n: {"adapter_names": [adapter or BASE] * n} if self.adapters else {}  # noqa: E731
         with torch.inference_mode():
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs).logits
+            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+            head = self.model(input_ids=prefix, use_cache=True, **names(1))
+            head.past_key_values.batch_repeat_interleave(len(seqs))
+            tail = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                              position_ids=positions.to(self.device), past_key_values=head.past_key_values,
+                              **names(len(seqs))).logits
+            # column j predicts the token at position shared + j
+            logits = torch.cat([head.logits[:, -1:].expand(len(seqs), -1, -1), tail[:, :-1]], dim=1)
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         out = []
         for i, (ctx, cont) in enumerate(pairs):
-            positions = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-            out.append(float(logp[i, positions, torch.tensor(cont)].sum()))
+            columns = torch.arange(len(ctx) - shared, len(ctx) - shared + len(cont))
+            out.append(float(logp[i, columns, torch.tensor(cont)].sum()))
         return out
-
 
 
 class Decoding:
@@ -289,6 +302,12 @@ def continuation_pairs(tokenizer: Any, prompt_text: str, prompt_ids: list[int],
         shared = min(shared, len(full) - 1)  # a non-empty choice always adds at least one token
         pairs.append((full[:shared], full[shared:]))
     return pairs
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix all sequences share."""
+    n = min(len(s) for s in seqs)
+    return next((i for i in range(n) if len({s[i] for s in seqs}) > 1), n)
 
 
 def _as_list(value: Any) -> list[Any]:
