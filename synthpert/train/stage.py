@@ -92,9 +92,8 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, An
     context = ray.data.DataContext.get_current()  # travels with the datasets into the workers
     context.enable_progress_bars = False  # a few small datasets: bars only bury the training log
     context.print_on_execution_start = False
-    # read on the driver, not with ray.data.read_parquet: Ray 2.60 lists Parquet through a pool of
-    # 32 footer-reader actors whose listing task now and then never delivers on a 2-core node (it
-    # hung CI); a traces file is small enough to ship from here
+    # read on the driver: Ray 2.60's read_parquet lists files through a pool of 32 footer-reader
+    # actors (a listing task that once never delivered here); a traces file is small enough
     table = pq.read_table(sft, columns=list(REQUIRED[tc.mode]))
     source = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, max(len(table), 1), BLOCK_ROWS)])
     tokenized = source.map_batches(
