@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from synthpert import tracking
 from synthpert.artifacts import read_manifest, write_manifest
@@ -33,7 +32,6 @@ from synthpert.train.zero import deepspeed_config
 SFT_FILE = "sft.parquet"
 REQUIRED = {"cot": ("cell_line", "pert", "gene", "label", "messages"), "raw": ("cell_line", "pert", "gene", "label")}
 RUN_NAME = "train"  # Ray Train run name under OUTPUT/ray: the same name is what --resume finds
-BLOCK_ROWS = 1024  # traces per tokenize task
 PROBE_TEXT = "Knocking down a gene with CRISPRi can change the expression of other genes."
 
 
@@ -92,10 +90,7 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, An
     context = ray.data.DataContext.get_current()  # travels with the datasets into the workers
     context.enable_progress_bars = False  # a few small datasets: bars only bury the training log
     context.print_on_execution_start = False
-    # read on the driver: Ray 2.60's read_parquet lists files through a pool of 32 footer-reader
-    # actors (a listing task that once never delivered here); a traces file is small enough
-    table = pq.read_table(sft, columns=list(REQUIRED[tc.mode]))
-    source = ray.data.from_arrow([table.slice(i, BLOCK_ROWS) for i in range(0, max(len(table), 1), BLOCK_ROWS)])
+    source = ray.data.read_parquet(str(sft), columns=list(REQUIRED[tc.mode]))
     tokenized = source.map_batches(
         _tokenize_batch,
         batch_format="pandas",
