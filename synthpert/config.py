@@ -58,7 +58,9 @@ class EndpointConfig(Section):
     max_concurrency: int = 8
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
-    timeout_s: float = 120.0
+    # the openai client's default: reasoning models and a CPU replica decoding a full batch are slow,
+    # and a call that times out is paid again in full
+    timeout_s: float = 600.0
     max_retries: int = 5
     temperature: float = 0.7
     top_p: float = 1.0

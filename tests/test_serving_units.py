@@ -75,6 +75,28 @@ def test_batched_greedy_equals_one_at_a_time(engine):
     assert [batched["early", 0], batched["early", 1], batched["late", 0], batched["late", 1]] == alone
 
 
+def test_a_cancelled_request_leaves_the_batch(engine):
+    """Serve keeps decoding for callers that have gone; a cancelled job must stop costing steps."""
+    from synthpert.serving.hf_engine import Decoding, Job
+
+    keep, drop, gone = (Job(_ids(engine, q), Sampling(max_tokens=12, temperature=0))
+                        for q in ("Say hi.", "Name a colour.", "Count to ten."))
+    gone.cancelled = True  # its client left while it was queued: no prefill, ended at once
+    decoding = Decoding(engine)
+    results = decoding.admit([keep, drop, gone], "g")
+    assert [(j, d.finish_reason) for _, j, d in results if d.finish_reason] == [(2, "abort")]
+    assert len(decoding.rows) == 2
+    text = "".join(d.text for _, j, d in results if j == 0)
+    drop.cancelled = True
+    results = decoding.step()
+    assert [(j, d.finish_reason) for _, j, d in results if j == 1] == [(1, "abort")]
+    assert [row.job for row in decoding.rows] == [0]
+    while results:
+        text += "".join(d.text for _, j, d in results if j == 0)
+        results = decoding.step()
+    assert text == _decode(engine, [keep])["early", 0]
+
+
 def test_loglikelihood_ranks_the_obvious_answer(engine):
     from synthpert.serving.hf_engine import continuation_pairs
 

@@ -37,12 +37,14 @@ class Job:
     prompt_ids: list[int]
     sampling: Sampling
     adapter: str | None = None
+    cancelled: bool = False  # its caller has gone: the rows leave the batch at the next step
 
 
 @dataclass
 class _Row:
     key: Any  # which admission group (one @serve.batch call) the row belongs to
     job: int
+    source: Job
     index: int
     sampling: Sampling
     adapter: str
@@ -158,9 +160,13 @@ class Decoding:
     def admit(self, jobs: list[Job], key: Any = None) -> list[tuple[Any, int, Delta]]:
         """Prefill `jobs` (their first token comes out of this forward) and join the batch."""
         torch, engine = self.engine.torch, self.engine
-        rows = [_Row(key, j, i, job.sampling, job.adapter or BASE,
+        rows = [_Row(key, j, job, i, job.sampling, job.adapter or BASE,
                      torch.Generator().manual_seed(_seed(job.sampling.seed, i)))
                 for j, job in enumerate(jobs) for i in range(job.sampling.n)]
+        aborted = [self._abort(row) for row in rows if row.source.cancelled]
+        rows = [row for row in rows if not row.source.cancelled]  # gone while queued: no prefill
+        if not rows:
+            return aborted
         prompts = [jobs[r.job].prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), engine.pad_id, dtype=torch.long)
@@ -174,7 +180,7 @@ class Decoding:
         if keep:
             cache, mask, tokens = self._select(out.past_key_values, mask, tokens, keep, len(rows))
             self._join([rows[b] for b in keep], cache, mask, tokens)
-        return results
+        return aborted + results
 
     def step(self) -> list[tuple[Any, int, Delta]]:
         """One forward pass for every running row."""
@@ -203,8 +209,15 @@ class Decoding:
         logits = logits.float()
         logp = self.engine.torch.log_softmax(logits, dim=-1)
         tokens = self._sample(rows, logits)
-        results = [(row.key, row.job, self._advance(row, int(tokens[b]), logp[b])) for b, row in enumerate(rows)]
+        results = [self._abort(row) if row.source.cancelled else (row.key, row.job, self._advance(row, int(tokens[b]), logp[b]))
+                   for b, row in enumerate(rows)]
         return results, tokens, [b for b, row in enumerate(rows) if row.finish is None]
+
+    @staticmethod
+    def _abort(row: _Row) -> tuple[Any, int, Delta]:
+        """End a row whose caller has gone (its client disconnected or timed out)."""
+        row.finish = "abort"
+        return row.key, row.job, Delta(row.index, finish_reason="abort")
 
     def _select(self, cache: Any, mask: Any, tokens: Any, keep: list[int], total: int) -> tuple[Any, Any, Any]:
         """Drop finished rows from the cache, the mask and the sampled tokens."""
@@ -457,9 +470,15 @@ class HFServer:
                     self._sinks[key].put_nowait(group)
 
     async def _deltas(self, req: ChatRequest, prompt_ids: list[int]) -> AsyncIterator[list[Delta]]:
+        """Serve keeps a @serve.batch generator running after its callers are cancelled, so a
+        client that disconnects (or times out and retries) marks its job: the rows stop decoding."""
         async with self._adapter_for_request() as adapter:
-            async for deltas in self._generate(Job(prompt_ids, req.sampling(), adapter)):
-                yield deltas
+            job = Job(prompt_ids, req.sampling(), adapter)
+            try:
+                async for deltas in self._generate(job):
+                    yield deltas
+            finally:
+                job.cancelled = True  # a no-op once every row has finished
 
     async def complete(self, request: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
         req = ChatRequest.model_validate(request)
