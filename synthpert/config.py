@@ -169,6 +169,9 @@ class ServeConfig(Section):
     retry_after_s: float = Field(1.0, ge=0)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
+    # transformers on CPU: compute threads per replica (None: the CPUs it reserves). More than it
+    # reserves pays off when the replica is the only thing computing (the local pipeline's traces)
+    torch_threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
     max_batch_size: int = Field(16, ge=1)  # transformers: dynamic batching (1 = off)
     batch_wait_timeout_s: float = Field(0.05, ge=0)

@@ -11,9 +11,11 @@ MLflow parent run per invocation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -123,19 +125,21 @@ class Pipeline:
 
                 serve_cfg = self.cfg.serve.model_copy(update={"adapters": {**self.cfg.serve.adapters, **adapters}})
                 own_url = stack.enter_context(running(serve_cfg))
-            results = {}
-            for name, spec in models.items():
+
+            def run(out: Path, spec: dict) -> dict:
                 endpoint: EndpointConfig = spec["endpoint"]
+                frame = predict.predict(
+                    self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
+                    api_key=api_key(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
+                )
+                return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model}
 
-                def run(out: Path, endpoint=endpoint, spec=spec) -> dict:
-                    frame = predict.predict(
-                        self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
-                        api_key=api_key(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
-                    )
-                    return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model}
-
-                results[name] = self.stage(f"predict-{name}", keys[name], run)
-        return results
+            # all models at once: their rows share the endpoint's decode batches; a failure surfaces
+            # after the others have finished (and been kept)
+            with ThreadPoolExecutor(len(models)) as pool:
+                futures = {name: pool.submit(self.stage, f"predict-{name}", keys[name], functools.partial(run, spec=spec))
+                           for name, spec in models.items()}
+            return {name: future.result() for name, future in futures.items()}
 
     def evaluate(self, predictions: dict[str, dict]) -> dict:
         from synthpert import evaluate

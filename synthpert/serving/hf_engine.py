@@ -343,10 +343,10 @@ class HFServer:
 
         cfg = ServeConfig.model_validate(serve_cfg)
         self.cfg = cfg
-        if not cfg.use_gpu:  # as many compute threads as CPUs reserved, in a replica or not
+        if not cfg.use_gpu:  # as many compute threads as CPUs reserved unless told, in a replica or not
             import torch
 
-            torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+            torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_replica)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
         self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len)
         self.decoding = Decoding(self.engine)
