@@ -183,7 +183,7 @@ class ServeConfig(Section):
 class EvaluateConfig(Section):
     bootstrap: int = 1000  # perturbation-bootstrap replicates for the 95 % CIs (0: none)
     seed: int = 0
-    limit: int | None = None  # test tuples per cell line for LLM evaluation (None: all)
+    limit: int | None = None  # test tuples per cell line for LLM evaluation, whole read-out genes (None: all)
     require_complete: bool = False  # missing test pairs: error (True) or score the covered ones
     output_dir: Path = Path("runs/eval")
     # non-LLM baselines (synthpert.baselines)

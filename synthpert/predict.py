@@ -114,7 +114,7 @@ class PredictActor(LLMActor):
 
 def test_tuples(cfg: Config) -> pd.DataFrame:
     """Test tuples of the configured split (at most `evaluate.limit` per cell line), with context."""
-    from synthpert.data import apply_split, load_pairs, subsample
+    from synthpert.data import apply_split, gene_sample, load_pairs
     from synthpert.generate import with_context
 
     pairs = apply_split(load_pairs(cfg.data.cell_lines, cfg.data.data_dir), cfg.data.split)
@@ -122,7 +122,7 @@ def test_tuples(cfg: Config) -> pd.DataFrame:
     test = pairs[pairs["split"] == "test"]
     if cfg.evaluate.limit is not None:
         test = pd.concat(
-            [subsample(part, limit=cfg.evaluate.limit, seed=cfg.evaluate.seed) for _, part in test.groupby("cell_line", observed=True)]
+            [gene_sample(part, cfg.evaluate.limit, cfg.evaluate.seed) for _, part in test.groupby("cell_line", observed=True)]
         )
     if test.empty:
         raise SynthPertError(f"no test tuples for cell lines {cfg.data.cell_lines} with split {cfg.data.split!r}")

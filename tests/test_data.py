@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from synthpert.config import CELL_LINES, DataConfig
-from synthpert.data import apply_split, build_split, leakage_report, load_pairs, read_user_pairs, subsample
+from synthpert.data import apply_split, build_split, gene_sample, leakage_report, load_pairs, read_user_pairs, subsample
 from synthpert.data.files import VENDOR_DIR
 from synthpert.errors import SynthPertError
 from tests.conftest import run_cli
@@ -161,6 +161,25 @@ def test_subsample_is_seeded_exact_and_stratified(pairs):
     assert subsample(pairs) is pairs
     with pytest.raises(SynthPertError, match="fraction"):
         subsample(pairs, fraction=1.5)
+
+
+@pytest.mark.parametrize("limit", [8, 60])
+def test_gene_sample_keeps_the_per_gene_auroc_defined(pairs, limit):
+    from synthpert.evaluate import mean_auroc_per_gene
+
+    test = apply_split(pairs[pairs.cell_line == "k562"], "perturbqa")
+    test = test[test.split == "test"]
+    got = gene_sample(test, limit, seed=1)
+    assert len(got) == limit and got.equals(gene_sample(test, limit, seed=1)) and got.index.is_monotonic_increasing
+    assert got.gene.nunique() < limit / 2  # whole genes, not one pair each
+    labels = got.groupby("gene", observed=True).label.nunique()
+    assert (labels == 3).sum() >= len(labels) - 1  # all three classes, but for a last gene cut short
+    de = (got.label != "not differentially expressed").to_numpy()
+    score = np.random.default_rng(0).random(len(got))
+    assert not np.isnan(mean_auroc_per_gene(got.gene.to_numpy(), de, score))
+    assert gene_sample(test, len(test), seed=1) is test
+    with pytest.raises(SynthPertError, match="limit"):
+        gene_sample(test, 0)
 
 
 def test_build_split_samples_training_rows_and_keeps_the_test_set():

@@ -8,6 +8,7 @@ from synthpert.data.perturbqa import (
     apply_split,
     build_split,
     describe,
+    gene_sample,
     leakage_report,
     load_pairs,
     parse_split,
@@ -15,4 +16,4 @@ from synthpert.data.perturbqa import (
     subsample,
 )
 
-__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "describe", "data_file", "jaccard", "leakage_report", "load_pairs", "parse_split", "read_user_pairs", "subsample"]
+__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "describe", "data_file", "gene_sample", "jaccard", "leakage_report", "load_pairs", "parse_split", "read_user_pairs", "subsample"]

@@ -181,6 +181,35 @@ def subsample(pairs: pd.DataFrame, fraction: float | None = None, limit: int | N
     return pairs.iloc[np.sort(chosen)]
 
 
+def gene_sample(pairs: pd.DataFrame, limit: int, seed: int = 0) -> pd.DataFrame:
+    """At most `limit` rows drawn as whole read-out genes (index kept, original order).
+
+    The official metric is an AUROC per read-out gene, undefined for a gene seen once or with one
+    class. So genes come in seeded random order, those with more distinct labels first, and each
+    gene's rows are taken round-robin over its labels: even a smoke-sized sample has genes on
+    which both the DE and the direction AUROC exist. Class shares are then not the test set's.
+    """
+    if limit < 1:
+        raise SynthPertError(f"limit must be >= 1, got {limit}")
+    if limit >= len(pairs):
+        return pairs
+    rng = np.random.default_rng(seed)
+    by_gene = pairs.groupby("gene", observed=True, sort=True)
+    labels = by_gene["label"].nunique()
+    order = labels.index[np.lexsort((rng.random(len(labels)), -labels.to_numpy()))]
+    label = pairs["label"].astype(str).to_numpy()
+    chosen: list[np.ndarray] = []
+    left = limit
+    for gene in order:
+        positions = rng.permutation(by_gene.indices[gene])
+        turn = pd.Series(label[positions]).groupby(label[positions]).cumcount().to_numpy()  # k-th row of its label
+        chosen.append(positions[np.argsort(turn, kind="stable")[:left]])
+        left -= len(chosen[-1])
+        if not left:
+            break
+    return pairs.iloc[np.sort(np.concatenate(chosen))]
+
+
 def build_split(data_cfg: DataConfig) -> pd.DataFrame:
     """Load and split as the DataConfig says; fraction/limit subsample the TRAINING rows only.
 
