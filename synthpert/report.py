@@ -52,7 +52,9 @@ def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: di
     out: list[tuple[str, Any]] = [
         ("Setting", f"split `{cfg.data.split}`, cell lines {', '.join(cfg.data.cell_lines)}; teacher `{cfg.generate.teacher.model}`, "
                     f"judge `{cfg.generate.judge.model}`, student base `{cfg.train.base_model or 'embedded SmolLM2-135M-Instruct'}`; "
-                    f"keep {cfg.generate.keep}, answer must match: {cfg.generate.require_answer_match}."),
+                    f"keep {cfg.generate.keep}, answer must match: {cfg.generate.require_answer_match}; "
+                    + (f"test pairs: {cfg.evaluate.limit} per cell line, drawn as whole read-out genes (class shares are not "
+                       "the test set's; the AUROCs rest on a few genes)." if cfg.evaluate.limit else "test pairs: all.")),
         ("All test pairs evaluated", (headers, _metric_rows(models))),
         ("How to read this", NOTE),
     ]
