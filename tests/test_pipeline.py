@@ -82,7 +82,7 @@ def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_ser
     status, logs = wait_job(client, job, timeout=900)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     result = json.loads(logs.strip().splitlines()[-1])
-    assert result["ran"] == STAGES and result["skipped"] == []
+    assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == []  # the predict stages end in any order
     report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
     for model in ("student-cot", "student-raw", "base", "trivial", "retrieval"):
         assert f"| {model} |" in report
@@ -100,5 +100,5 @@ def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_ser
     again = run_cli("pipeline", *args, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads(again.stdout.strip().splitlines()[-1])
-    assert second["ran"] == [] and second["skipped"] == STAGES
+    assert second["ran"] == [] and sorted(second["skipped"]) == sorted(STAGES)
     assert second["scores"] == result["scores"]
