@@ -273,12 +273,13 @@ def _number(x: float) -> float | None:
 
 
 def _interval(replicates: np.ndarray, point: float) -> dict:
-    """{ci: 2.5/97.5 % percentiles shifted by (point - replicate mean), shift}; None where undefined."""
+    """{ci: 2.5/97.5 % percentiles shifted by (point - replicate mean), shift}; None where undefined.
+    The shifted ends are clipped to [0, 1], the range of every metric here (few genes: big shifts)."""
     finite = replicates[np.isfinite(replicates)]
     if not len(finite) or not np.isfinite(point):
         return {"ci": None, "shift": None}
     shift = float(finite.mean() - point)
-    return {"ci": [float(v) - shift for v in np.percentile(finite, [2.5, 97.5])], "shift": shift}
+    return {"ci": [float(np.clip(v - shift, 0.0, 1.0)) for v in np.percentile(finite, [2.5, 97.5])], "shift": shift}
 
 
 def _pooled_auroc(y: np.ndarray, score: np.ndarray) -> float | None:

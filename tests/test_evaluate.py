@@ -179,6 +179,14 @@ def test_bootstrap_replicates_use_the_same_metrics_as_the_point_estimates(truth)
                 assert abs(shift) < 0.005  # resampling shifts only the per-gene AUROC mean
 
 
+def test_shifted_interval_stays_in_the_metric_range():
+    from synthpert.evaluate import _interval
+
+    got = _interval(np.array([0.0, 0.5, 1.0, np.nan]), 0.9)  # few genes: replicates far from the point
+    assert got["shift"] == pytest.approx(-0.4) and 0.0 <= got["ci"][0] < 0.9 and got["ci"][1] == 1.0
+    assert _interval(np.array([np.nan]), 0.5) == {"ci": None, "shift": None}
+
+
 def point_of(rows, mask):
     return float(np.mean(rows.true[mask] == rows.pred[mask]))
 
