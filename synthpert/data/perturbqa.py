@@ -195,14 +195,15 @@ def gene_sample(pairs: pd.DataFrame, limit: int, seed: int = 0) -> pd.DataFrame:
         return pairs
     rng = np.random.default_rng(seed)
     by_gene = pairs.groupby("gene", observed=True, sort=True)
-    labels = by_gene["label"].nunique()
-    order = labels.index[np.lexsort((rng.random(len(labels)), -labels.to_numpy()))]
+    distinct = by_gene["label"].nunique()
+    order = distinct.index[np.lexsort((rng.random(len(distinct)), -distinct.to_numpy()))]
     label = pairs["label"].astype(str).to_numpy()
     chosen: list[np.ndarray] = []
     left = limit
     for gene in order:
         positions = rng.permutation(by_gene.indices[gene])
-        turn = pd.Series(label[positions]).groupby(label[positions]).cumcount().to_numpy()  # k-th row of its label
+        kinds = label[positions]
+        turn = pd.Series(kinds).groupby(kinds).cumcount().to_numpy()  # the k-th row of its label
         chosen.append(positions[np.argsort(turn, kind="stable")[:left]])
         left -= len(chosen[-1])
         if not left:
