@@ -78,7 +78,7 @@ def plain_loop(cfg, data: Path, steps: int, threads: int, gpu: bool) -> dict:
     device = torch.device("cuda" if gpu else "cpu")
     model_dir = resolve_model(tc.base_model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = tokenize_frame(pd.read_parquet(data / "sft.parquet"), tokenizer, tc.mode, tc.max_seq_len, tc.mask_prompt, tc.packing)
+    rows = tokenize_frame(pd.read_parquet(data / "sft.parquet"), tokenizer, tc.mode, tc.max_seq_len, tc.loss_on, tc.packing)
     model = load_lora_model(model_dir, tc, torch.bfloat16 if gpu else torch.float32).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=gpu)
@@ -129,7 +129,7 @@ def main() -> None:
         f"train.num_workers={args.num_workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
         f"train.zero_stage={args.zero_stage}", f"train.batch_size={args.batch_size}",
         f"train.max_seq_len={args.max_seq_len}", f"train.lora_r={args.lora_r}", f"train.max_steps={args.steps}",
-        f"train.use_gpu={str(args.gpu).lower()}", "train.validation_fraction=0", "train.lora_dropout=0",
+        f"train.use_gpu={str(args.gpu).lower()}", "data.validation_fraction=0", "train.lora_dropout=0",
         "tracking.enabled=false",
     ]
     if args.base_model:

@@ -46,6 +46,9 @@ class DataConfig(Section):
     limit: int | None = None
     stratify: bool = True
     seed: int = 0
+    # Perturbations of the training split held out as validation (per cell line, seeded): training's
+    # validation loss, and every choice (the champion alias) is made on them, never on test labels.
+    validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
 
 
@@ -75,10 +78,10 @@ class EndpointConfig(Section):
 
 
 class JudgeEndpointConfig(EndpointConfig):
-    """The judge answers with one grade word: greedy and short by default (also under partial overrides)."""
+    """The judge writes a short critique, then a grade: greedy by default (also under partial overrides)."""
 
     temperature: float = 0.0
-    max_tokens: int = 8
+    max_tokens: int = 256
 
 
 class GenerateConfig(Section):
@@ -86,6 +89,12 @@ class GenerateConfig(Section):
     judge: JudgeEndpointConfig = Field(default_factory=JudgeEndpointConfig)
     keep: list[str] = Field(default_factory=lambda: ["excellent"])
     require_answer_match: bool = True
+    # SynthPert's judge sees the question and the reasoning only; true: the ablation that also shows it
+    # the observed outcome (and a rubric that asks whether the reasoning leads to it)
+    judge_sees_label: bool = False
+    rubric: Path | None = None  # a YAML rubric (grade -> meaning); None: the packaged one for the judge kind
+    # the teacher's block of general knock-down principles: "builtin", a file of your own, or null (none)
+    teacher_principles: str | None = "builtin"
     # The teacher's format, guided: prefill `<think>`, stop at `</think>`, then pick the answer with
     # guided_choice (tiny models never write the tags themselves). None: only for our own endpoint.
     guided_teacher: bool | None = None
@@ -129,11 +138,11 @@ class TrainConfig(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    mask_prompt: bool = True
+    # "assistant": loss on the assistant turn only; "all": on the whole text, as SynthPert trained
+    loss_on: Literal["assistant", "all"] = "assistant"
     packing: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
-    validation_fraction: float = 0.1
     checkpoint_every_steps: int | None = None  # None: a checkpoint at the end of every epoch
     checkpoints_to_keep: int = 2
     # Ray Train storage for checkpoints; None: OUTPUT/ray. Multi-node: shared storage (NFS path, s3://…)
@@ -183,7 +192,10 @@ class ServeConfig(Section):
 class EvaluateConfig(Section):
     bootstrap: int = 1000  # perturbation-bootstrap replicates for the 95 % CIs (0: none)
     seed: int = 0
-    limit: int | None = None  # test tuples per cell line for LLM evaluation, whole read-out genes (None: all)
+    limit: int | None = None  # test (and validation) tuples per cell line for LLM evaluation, whole read-out genes (None: all)
+    # direction: from the three-way answer (p_up / (p_up + p_down)), or asked as its own two-choice
+    # question on every pair (PerturbQA's and SynthPert's protocol; one more scored call per pair)
+    direction: Literal["derived", "separate"] = "derived"
     require_complete: bool = False  # missing test pairs: error (True) or score the covered ones
     output_dir: Path = Path("runs/eval")
     # non-LLM baselines (synthpert.baselines)

@@ -8,7 +8,8 @@ up); with an answer only, the probabilities are one-hot (uniform for an unparsea
 both, AUROCs use the probabilities and accuracy/F1 use the answer. Probabilities must be finite,
 in [0, 1] and sum to 1 (within 1e-3).
 
-Scores: DE = p_up + p_down; direction = p_up / (p_up + p_down), on DE-positive pairs only.
+Scores: DE = p_up + p_down; direction = p_up / (p_up + p_down), on DE-positive pairs only, or
+`p_dir_up` where the predictions carry it (direction asked as its own two-choice question).
 Official metric (PerturbQA): AUROC per read-out gene over the test pairs of a cell line (genes
 whose test labels are all one class skipped), averaged over genes; "overall" averages over all
 (cell line, gene) groups. SynthPert's metric, as its code computes it: one pooled AUROC from the
@@ -93,7 +94,8 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
 def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
     """Validated predictions: keys, finite probabilities in [0, 1] summing to 1, exact labels.
 
-    Returns KEYS + PROBS + `answer` (a label or UNPARSEABLE) + `has_probs`, one row per pair.
+    Returns KEYS + PROBS + `answer` (a label or UNPARSEABLE) + `has_probs`, one row per pair, and
+    `p_dir_up` when given (in [0, 1] or empty).
     """
     missing = [c for c in KEYS if c not in frame.columns]
     if missing:
@@ -137,6 +139,12 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
         onehot[out["answer"].to_numpy() == UNPARSEABLE] = 1 / 3
         out[list(PROBS)] = onehot
     out["has_probs"] = bool(given)
+    if "p_dir_up" in frame.columns:
+        p_dir = pd.to_numeric(frame["p_dir_up"], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isnan(p_dir) & ((p_dir < -_FLOAT_SLACK) | (p_dir > 1 + _FLOAT_SLACK))
+        if bad.any():
+            raise SynthPertError(f"{source}: p_dir_up must be in [0, 1] or empty: {_examples(out.assign(p_dir_up=p_dir), bad, (*KEYS, 'p_dir_up'))}")
+        out["p_dir_up"] = np.clip(p_dir, 0, 1)
     return out
 
 
@@ -236,6 +244,9 @@ class _Rows:
         self.de_score = probs[:, 0] + probs[:, 1]
         with np.errstate(invalid="ignore", divide="ignore"):
             self.dir_score = np.where(self.de_score > 0, probs[:, 0] / self.de_score, 0.5)
+        if "p_dir_up" in scored.columns:  # the separate direction question, where it was asked
+            separate = scored["p_dir_up"].to_numpy(dtype=float)
+            self.dir_score = np.where(np.isnan(separate), self.dir_score, separate)
         self.gene_group, self.gene_cell = self._within_cell(scored["gene"])
         self.unit, self.unit_cell = self._within_cell(scored["pert"])
         self.de = (self.true != 2).astype(int)

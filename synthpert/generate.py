@@ -26,19 +26,21 @@ from pydantic import SecretStr
 from synthpert import prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.cluster import ray_session
-from synthpert.config import LABELS, Config, DataConfig, EndpointConfig, GenerateConfig
+from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
-from synthpert.judge import JudgeActor, counts, grade_constraint, grade_histogram
+from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors
 from synthpert.llm.client import CallResult
+from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
 
 STAGE = "generate"
-TUPLE_COLUMNS = ["tuple_id", "cell_line", "pert", "gene", "label"]
+TUPLE_COLUMNS = ["tuple_id", "cell_line", "pert", "gene", "label", "split"]
 SAMPLE_TRACES = 20  # traces logged to MLflow as a sample of what was kept and rejected
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SFT_SCHEMA = pa.schema(
-    [("cell_line", pa.string()), ("pert", pa.string()), ("gene", pa.string()), ("label", pa.string()), ("messages", _MESSAGES)]
+    [("cell_line", pa.string()), ("pert", pa.string()), ("gene", pa.string()), ("label", pa.string()), ("split", pa.string()),
+     ("messages", _MESSAGES)]
 )
 
 
@@ -47,15 +49,6 @@ def prompt_hash(messages: list[dict]) -> str:
 
 
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN = "<think>", "</think>", "<answer>"
-
-
-def continue_with(messages: list[dict], prefix: str) -> list[dict]:
-    """The chat plus a partial assistant turn for the model to continue (vLLM's continue_final_message)."""
-    return [*messages, {"role": "assistant", "content": prefix}]
-
-
-CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
-GUIDED_LABELS = {**CONTINUE, "guided_choice": list(LABELS)}
 
 
 class TeacherActor(LLMActor):
@@ -69,13 +62,14 @@ class TeacherActor(LLMActor):
     prefix = "teacher"
     fields = [(name, pa.string()) for name in ("prompt_hash", "teacher_model", "teacher_output", "reasoning", "answer")]
 
-    def __init__(self, *, guided: bool = False, **kwargs: Any):
+    def __init__(self, *, prompt_set: prompts.PromptSet, guided: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
+        self.prompt_set = prompt_set
         self.guided = guided
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        messages = prompts.teacher_messages(row, row["context"])
-        scope = {"tuple": row["tuple_id"], "template": "teacher", "version": prompts.TEMPLATE_VERSIONS["teacher"]}
+        messages = self.prompt_set.teacher(row, row["context"])
+        scope = {"tuple": row["tuple_id"], "template": "teacher", "version": self.prompt_set.versions["teacher"]}
         result = await (self._guided(messages, scope) if self.guided else self.client.complete(messages, scope))
         reasoning, answer = prompts.parse_trace(result.text) if result.error is None else (None, None)
         return {
@@ -117,24 +111,24 @@ ATTEMPTS_SCHEMA = pa.schema(
 
 
 def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
-    """The seeded sample of TRAINING tuples (fraction/limit of the train split), with prompt context.
+    """The seeded sample of training and validation tuples (fraction/limit), with prompt context.
 
-    The context's labelled neighbours come from the whole training split (never the tuple itself),
-    the same pool the student's test-time prompts draw on.
+    The context's labelled neighbours come from the training rows only, with the tuple's own
+    perturbation left out, exactly as for a test tuple (synthpert.data.knowledge).
     """
-    from synthpert.data import apply_split, load_pairs, subsample
+    from synthpert.data import build_split
 
-    pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
-    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
-    picked = subsample(train, data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
+    pairs = build_split(data_cfg)
+    picked = pairs[pairs["split"].isin(["train", "validation"])].reset_index(drop=True)
     if picked.empty:
         raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
-    return with_context(picked, train, data_cfg)
+    return with_context(picked, pairs, data_cfg)
 
 
 def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
-    """Prompt rows for `pairs`: tuple id, the tuple, its label, and knowledge context from `train` only."""
-    frame = pairs[["cell_line", "pert", "gene", "label"]].astype(str).reset_index(drop=True)
+    """Prompt rows for `pairs`: tuple id, the tuple, its label and split, and knowledge context from
+    the rows of `train` whose split is train (only those)."""
+    frame = pairs[["cell_line", "pert", "gene", "label", "split"]].astype(str).reset_index(drop=True)
     frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
     context = [""] * len(frame)
     if data_cfg.knowledge.enabled:
@@ -159,6 +153,7 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     from tqdm import tqdm
 
     g = cfg.generate
+    prompt_set = prompts.PromptSet.from_config(g)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
@@ -167,11 +162,12 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
         base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        prompt_set=prompt_set,
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
         base_url=urls["judge"], api_key=api_key(g.judge, cfg), cache_path=cache_path,
-        keep=g.keep, require_answer_match=g.require_answer_match, extra_body=grade_constraint(g),
+        keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
     )
     frames = []
     with tqdm(total=len(tuples), desc="traces", unit="row", disable=not progress) as bar:
@@ -198,11 +194,11 @@ def sft_rows(attempts: pd.DataFrame) -> pd.DataFrame:
     """Kept traces as chat messages: the student's prompt (no label) + the teacher's trace."""
     kept = attempts[attempts["accepted"]]
     messages = [
-        [*prompts.student_messages(row, row["context"], mode="cot"),
+        [*prompts.student_messages(row, row["context"]),
          {"role": "assistant", "content": f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"}]
         for row in kept.to_dict("records")
     ]
-    return kept[["cell_line", "pert", "gene", "label"]].assign(messages=pd.Series(messages, index=kept.index, dtype=object))
+    return kept[["cell_line", "pert", "gene", "label", "split"]].assign(messages=pd.Series(messages, index=kept.index, dtype=object))
 
 
 def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
@@ -280,7 +276,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 outputs,
                 config=cfg.model_dump(mode="json", include={"data", "generate"}),
                 config_digest=cfg.digest("data", "generate"),
-                template_versions=prompts.TEMPLATE_VERSIONS,
+                template_versions=prompts.PromptSet.from_config(g).versions,
                 models={"teacher": g.teacher.model, "judge": g.judge.model},
                 endpoints=urls,
                 counts=summary,

@@ -2,9 +2,11 @@
 
 Cheap checks come first, so no judge call is paid for a row that cannot be kept anyway: a
 teacher error, a malformed trace (no <think> or no <answer>), or, when `require_answer_match`,
-an answer other than the true label. Then the judge grades the reasoning (the answer is not
-shown to it); with guided choice the endpoint must answer one of the grades, otherwise the
-text is parsed, and an unparseable grade is a rejection with its reason, never a pass.
+an answer other than the true label. Then the judge, shown the question and the reasoning only
+(SynthPert's critic: never the label or the answer), writes a short critique and then a grade.
+Guided (our endpoint): the critique is generated up to "Grade:", and the grade is then chosen
+among the five by guided_choice; otherwise the grade is parsed from the text, and an
+unparseable grade is a rejection with its reason, never a pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pyarrow as pa
 from synthpert import prompts
 from synthpert.config import GRADES, GenerateConfig
 from synthpert.llm.actor import LLMActor
+from synthpert.llm.client import CallResult
+from synthpert.llm.prefill import CONTINUE, continue_with
 
 # reject_reason values, and the summary count each one falls under.
 REASONS = {
@@ -49,15 +53,14 @@ def keep_rule(grade: str | None, keep: list[str]) -> str | None:
     return None if grade in keep else "grade"
 
 
-def grade_constraint(cfg: GenerateConfig) -> dict | None:
-    """The judge's extra_body making it answer exactly one grade; None: parse free text.
+def use_guided_judge(cfg: GenerateConfig) -> bool:
+    """Explicit setting, else only for our own endpoint (it supports prefill + guided_choice)."""
+    return cfg.use_guided_choice if cfg.use_guided_choice is not None else cfg.judge.base_url is None
 
-    On by default only for our own endpoint; set use_guided_choice for vLLM (with
-    guided_choice_format=structured_outputs: recent vLLM ignores `guided_choice`).
-    """
-    use = cfg.use_guided_choice if cfg.use_guided_choice is not None else cfg.judge.base_url is None
-    if not use:
-        return None
+
+def grade_choice(cfg: GenerateConfig) -> dict:
+    """The extra_body making the endpoint answer exactly one grade (vLLM's own servers ignore
+    `guided_choice` in recent versions: guided_choice_format=structured_outputs there)."""
     if cfg.guided_choice_format == "structured_outputs":
         return {"structured_outputs": {"choice": list(GRADES)}}
     return {"guided_choice": list(GRADES)}
@@ -75,19 +78,40 @@ class JudgeActor(LLMActor):
         ("reject_reason", pa.string()),
     ]
 
-    def __init__(self, keep: list[str], require_answer_match: bool, extra_body: dict | None, **kwargs):
+    def __init__(self, keep: list[str], require_answer_match: bool, prompt_set: prompts.PromptSet,
+                 guided: bool = False, choice: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.keep = keep
         self.require_answer_match = require_answer_match
-        self.extra_body = extra_body
+        self.prompt_set = prompt_set
+        self.guided = guided
+        self.choice = choice or {"guided_choice": list(GRADES)}
+
+    async def _grade(self, messages: list[dict], scope: dict) -> CallResult:
+        """One call, parsed; guided: critique up to the grade marker, then the grade by choice."""
+        if not self.guided:
+            return await self.client.complete(messages, scope)
+        if self.prompt_set.judge_sees_label:  # the ablation's judge answers one word: choose it
+            return await self.client.complete(messages, scope, extra_body={**self.choice})
+        opening = f"{prompts.CRITIQUE_MARK} "
+        critique = await self.client.complete(continue_with(messages, opening), scope | {"step": "critique"},
+                                              extra_body={**CONTINUE, "stop": [prompts.GRADE_MARK]})
+        if critique.error is not None:
+            return critique
+        text = f"{opening}{(critique.text or '').split(prompts.GRADE_MARK)[0].strip()}\n{prompts.GRADE_MARK} "
+        grade = await self.client.complete(continue_with(messages, text), scope | {"step": "grade"},
+                                           extra_body={**CONTINUE, **self.choice})
+        merged = CallResult.merge(critique, grade)
+        merged.text = f"{text}{grade.text}" if grade.error is None else None
+        return merged
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any]:
         reason = precheck(row, self.require_answer_match)
         result = grade = None
         if reason is None:
-            messages = prompts.judge_messages(row, row["reasoning"], row["context"])
-            scope = {"tuple": row["tuple_id"], "template": "judge", "version": prompts.TEMPLATE_VERSIONS["judge"]}
-            result = await self.client.complete(messages, scope, extra_body=self.extra_body)
+            messages = self.prompt_set.judge(row, row["reasoning"], row["context"])
+            scope = {"tuple": row["tuple_id"], "template": "judge", "version": self.prompt_set.versions["judge"]}
+            result = await self._grade(messages, scope)
             if result.error is not None:
                 reason = "judge_error"
             else:

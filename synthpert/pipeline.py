@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from synthpert import tracking
+from synthpert import prompts, tracking
 from synthpert.artifacts import _atomic_write, read_manifest
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
@@ -30,6 +30,7 @@ STAGE_FILE = "stage.json"
 STUDENT = "student-cot"  # the served names of the two adapters
 RAW = "student-raw"
 CHAMPION = "champion"
+SCORES = ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")
 
 
 def _strip_outputs(tree: Any) -> Any:
@@ -93,19 +94,21 @@ class Pipeline:
                 )
             return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary["run_id"]}
 
-        return self.stage("traces", stage_key(self.cfg, ("data", "generate")), run)
+        # the prompts' versions (templates, rubric, principles, context text) are inputs: traces written
+        # with other wording are regenerated, never reused
+        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
+        return self.stage("traces", stage_key(self.cfg, ("data", "generate"), prompts=versions), run)
 
     def train(self, traces: dict, mode: str) -> dict:
         from synthpert.train import train
 
         def run(out: Path) -> dict:
             cfg = self.cfg.model_copy(deep=True)
-            cfg.train.mode = mode
-            if mode == "raw" and cfg.train.registered_model_name:
-                cfg.train.registered_model_name += "-raw"  # the baseline never competes for champion
+            cfg.train.mode = mode  # registered under its own name (tracking.registered_name)
             return train(cfg, traces["dir"], output_dir=out, resume=True)  # a crashed attempt continues
 
-        key = stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"])
+        validation = (self.cfg.data.validation_fraction, self.cfg.data.seed)
+        key = stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"], validation=validation)
         return self.stage(f"train-{mode}", key, run)
 
     def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
@@ -113,10 +116,11 @@ class Pipeline:
         from synthpert import predict
         from synthpert.generate import api_key
 
-        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"]) for name, spec in models.items()}
+        student = prompts.PromptSet.from_config(self.cfg.generate).versions["student"]
+        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompt=student) for name, spec in models.items()}
         if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
             return {name: self.stage(f"predict-{name}", keys[name], None) for name in models}
-        tuples = predict.test_tuples(self.cfg)
+        tuples = predict.eval_tuples(self.cfg)
         adapters = {name: spec["adapter"] for name, spec in models.items() if spec.get("adapter")}
         with contextlib.ExitStack() as stack:
             own_url = None
@@ -142,37 +146,45 @@ class Pipeline:
             return {name: future.result() for name, future in futures.items()}
 
     def evaluate(self, predictions: dict[str, dict]) -> dict:
+        """Every model and baseline on the validation tuples (what choices are made on) and on the
+        test tuples (reported only): `models` holds the test metrics, `validation` the others."""
         from synthpert import evaluate
         from synthpert.artifacts import read_table
-        from synthpert.data import apply_split, load_pairs
+        from synthpert.data import evaluation_view, load_split
 
         digests = {name: read_manifest(p["dir"])["outputs"]["predictions"]["sha256"] for name, p in predictions.items()}
 
         def run(out: Path) -> dict:
-            truth = apply_split(load_pairs(self.cfg.data.cell_lines, self.cfg.data.data_dir), self.cfg.data.split)
+            truth = load_split(self.cfg.data)
             frames = {name: read_table(p["dir"], "predictions") for name, p in predictions.items()}
-            asked = next(iter(frames.values()))[["cell_line", "pert", "gene"]]
-            frames.update(baseline_predictions(self.cfg, truth, asked))
-            results = {}
-            for name, frame in frames.items():
-                metrics = evaluate.evaluate(evaluate.check_predictions(frame, name), truth, bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed,
-                                            progress=self.progress)
-                evaluate.write_report(metrics, out / name)
-                results[name] = metrics
-            return {"models": results}
+            results: dict[str, dict] = {"validation": {}, "models": {}}
+            for part, where in (("validation", "validation"), ("test", "models")):
+                view = evaluation_view(truth, part)
+                asked = {name: frame[frame["split"] == part] for name, frame in frames.items()}
+                if next(iter(asked.values())).empty:
+                    continue
+                asked.update(baseline_predictions(self.cfg, view, next(iter(asked.values()))[["cell_line", "pert", "gene"]]))
+                for name, frame in asked.items():
+                    metrics = evaluate.evaluate(evaluate.check_predictions(frame.drop(columns=["split"], errors="ignore"), name), view,
+                                                bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed, progress=self.progress)
+                    evaluate.write_report(metrics, out / part / name)
+                    results[where][name] = metrics
+            return results
 
-        return self.stage("evaluate", stage_key(self.cfg, ("evaluate",), predictions=digests), run)
+        return self.stage("evaluate", stage_key(self.cfg, ("data", "evaluate"), predictions=digests), run)
 
-    def register(self, student: dict, scores: dict) -> dict:
-        """Tag the student's model version with its scores; alias it champion if it beats the holder."""
+    def register(self, student: dict, validation: dict, test: dict) -> dict:
+        """Tag the student's model version with its validation and test scores; alias it champion
+        if it beats the holder on VALIDATION (test scores are reported, never used to choose)."""
+        name = tracking.registered_name(self.cfg)
 
         def run(out: Path) -> dict:
-            if not student.get("model_version") or not self.cfg.train.registered_model_name:
+            if not student.get("model_version") or not name:
                 return {"registered": False}
-            return tracking.promote_if_better(
-                self.cfg.train.registered_model_name, student["model_version"], official_score(scores), CHAMPION,
-                tags={f"synthpert.{k}": v for k, v in scores.items() if isinstance(v, (int, float))},
-            )
+            tags = {f"synthpert.{part}.{k}": v for part, scores in (("validation", validation), ("test", test))
+                    for k, v in scores.items() if isinstance(v, (int, float))}
+            return tracking.promote_if_better(name, student["model_version"], official_score(validation), CHAMPION,
+                                              tags={**tags, "synthpert.split": self.cfg.data.split})
 
         return self.stage("register", stage_key(self.cfg, ("train", "tracking"), model=student.get("model_uri"), version=student.get("model_version")), run)
 
@@ -188,7 +200,9 @@ class Pipeline:
 
 def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", the GO baselines,
-    and, for a held-out cell line, the lookup of the same pair in the other lines."""
+    and, for a held-out cell line, the lookup of the same pair in the other lines. `truth` is an
+    evaluation view (its "test" rows are the part being scored); the baselines fit, and choose
+    their hyper-parameters by perturbation-grouped folds, on its train rows only."""
     from synthpert.baselines import run_baseline
 
     methods = ["retrieval", "kernel"] + (["transfer"] if cfg.data.split.startswith("holdout:") else [])
@@ -196,7 +210,8 @@ def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) 
     asked = asked[keys].astype(str)
     out = {"trivial": asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])}
     for method in methods:
-        frame, _ = run_baseline(truth, method, cfg.evaluate, cell_lines=sorted(set(asked["cell_line"])), progress=False)
+        frame, _ = run_baseline(truth, method, cfg.evaluate, cell_lines=sorted(set(asked["cell_line"])), progress=False,
+                                data_dir=cfg.data.data_dir)
         out[method] = asked.merge(frame.astype({k: str for k in keys}), on=keys, how="left")
     return out
 
@@ -228,19 +243,20 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         trained = {mode: pipeline.train(traces, mode) for mode in ("cot", "raw")}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))
         evaluation = pipeline.evaluate(predictions)
-        scores = {name: {k: m.get(k) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")}
-                  for name, m in evaluation["models"].items()}
-        registered = pipeline.register(trained["cot"], scores[STUDENT])
+        pick = lambda models: {name: {k: m.get(k) for k in SCORES} for name, m in models.items()}  # noqa: E731
+        scores, validation = pick(evaluation["models"]), pick(evaluation["validation"])
+        registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT])
         report = pipeline.report(traces, trained, evaluation)
         tracking.set_tags({
             "synthpert.traces_dir": traces["dir"], "synthpert.traces_run_id": traces.get("run_id"),
             "synthpert.train_run_id": trained["cot"].get("mlflow_run_id"), "synthpert.model_uri": trained["cot"].get("model_uri"),
             "synthpert.model_version": registered.get("version"),
         })
-        tracking.log_metrics({f"{name}.{k}": v for name, s in scores.items() for k, v in s.items() if v is not None})
+        tracking.log_metrics({f"{part}{name}.{k}": v for part, models in (("", scores), ("validation.", validation))
+                              for name, s in models.items() for k, v in s.items() if v is not None})
         tracking.log_artifact(report["markdown"], "report")
         tracking.log_artifact(report["html"], "report")
     return {
         "ran": pipeline.ran, "skipped": pipeline.skipped, "mlflow_parent_run_id": parent_id,
-        "scores": scores, "registered": registered, "report": report["markdown"], "run_dir": str(pipeline.root),
+        "scores": scores, "validation_scores": validation, "registered": registered, "report": report["markdown"], "run_dir": str(pipeline.root),
     }

@@ -1,11 +1,12 @@
-"""LLM predictions on test tuples, with class probabilities the official AUROC can rank.
+"""LLM predictions on validation and test tuples, with class probabilities the official AUROC can rank.
 
 For each tuple the model first answers the student prompt (with reasoning in `cot` mode); then
 the three labels are scored as continuations of its reasoning + `<answer>` through the
 endpoint's `guided_choice` (our Serve endpoint returns each choice's summed log-likelihood as
 `choice_logprobs`). softmax over those gives `p_up, p_down, p_none`: continuous scores, where
 a parsed answer alone would only give one-hot ones. The hard `answer` is the parsed one, or the
-likeliest label when the model wrote none.
+likeliest label when the model wrote none. With `evaluate.direction = separate`, a DE pair's
+direction is also asked as its own two-choice question (`p_dir_up`), as PerturbQA asks it.
 
 Runs on Ray Data with the same actor pools, limits, retries and call cache as trace generation.
 """
@@ -24,21 +25,21 @@ from synthpert import prompts
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
-from synthpert.generate import ANSWER_OPEN, GUIDED_LABELS, continue_with
+from synthpert.generate import ANSWER_OPEN
 from synthpert.llm.actor import LLMActor, map_with_actors
 from synthpert.llm.client import CallResult
+from synthpert.llm.prefill import CONTINUE, continue_with
 
 STAGE = "predict"
 PROBS = ("p_up", "p_down", "p_none")  # in the order of LABELS
 
 
-def label_probabilities(choice_logprobs: dict[str, float]) -> dict[str, float]:
-    """softmax over the three labels' log-likelihoods, as p_up / p_down / p_none."""
-    scores = [choice_logprobs[label] for label in LABELS]
+def softmax(scores: list[float]) -> list[float]:
+    """Probabilities from log-likelihoods (stable: the largest is subtracted first)."""
     top = max(scores)
     weights = [math.exp(s - top) for s in scores]
     total = sum(weights)
-    return {name: w / total for name, w in zip(PROBS, weights)}
+    return [w / total for w in weights]
 
 
 def one_hot(answer: str | None) -> dict[str, float]:
@@ -55,7 +56,8 @@ def answer_prefix(text: str) -> str:
 
 
 class PredictActor(LLMActor):
-    """Ray Data actor: answer, then score the labels after the answer tag."""
+    """Ray Data actor: answer, then score the labels after the answer tag (and, with
+    `direction="separate"`, ask a DE pair's direction as its own two-choice question)."""
 
     prefix = "llm"
     fields = [
@@ -64,40 +66,57 @@ class PredictActor(LLMActor):
         ("answer", pa.string()),
         ("parsed", pa.bool_()),
         *((name, pa.float64()) for name in PROBS),
+        ("p_dir_up", pa.float64()),
     ]
 
-    def __init__(self, *, mode: str, score: bool = True, **kwargs: Any):
+    def __init__(self, *, mode: str, score: bool = True, direction: str = "derived", **kwargs: Any):
         super().__init__(**kwargs)
         self.mode = mode
         self.score = score  # False: an endpoint without guided_choice scoring (e.g. OpenAI)
+        self.direction = direction
+        self.versions = prompts.PromptSet.from_config().versions
 
-    async def process(self, row: dict[str, Any]) -> dict[str, Any]:
-        messages = prompts.student_messages(row, row["context"] or None, mode=self.mode)
-        template = f"student_{self.mode}"
-        scope = {"tuple": row["tuple_id"], "template": template, "version": prompts.TEMPLATE_VERSIONS[template]}
+    async def _ask(self, messages: list[dict], scope: dict, choices: list[str]) -> tuple[str | None, str | None, list[float] | None, list[CallResult], str | None]:
+        """(output, parsed answer, softmax over `choices` or None, calls, error) for one question."""
         output, answer, prefix, calls = None, None, ANSWER_OPEN, []
         if self.mode == "cot":
             first = await self.client.complete(messages, scope)
             calls.append(first)
             if first.error is not None:
-                return self._row(row, first, output=None, answer=None, probs=None)
+                return None, None, None, calls, first.error
             output = first.text
             answer = prompts.parse_answer(output)
+            answer = answer if answer in choices else None
             prefix = answer_prefix(output)
             if not self.score:
-                return self._row(row, first, output=output, answer=answer, probs=one_hot(answer), parsed=answer is not None)
-        scored = await self.client.complete(continue_with(messages, prefix), scope | {"step": "score"}, extra_body=GUIDED_LABELS)
-        usage = CallResult.merge(*calls, scored)
+                return output, answer, None, calls, None
+        scored = await self.client.complete(continue_with(messages, prefix), scope | {"step": "score"},
+                                            extra_body={**CONTINUE, "guided_choice": list(choices)})
+        calls.append(scored)
         if scored.error is not None or "choice_logprobs" not in scored.extra:
-            error = scored.error or "the endpoint returned no choice_logprobs: it does not support guided_choice scoring"
-            return self._row(row, usage, output=output, answer=answer, probs=None, error=error)
-        probs = label_probabilities(scored.extra["choice_logprobs"])
-        parsed = answer is not None
-        if answer is None:
-            answer = LABELS[max(range(3), key=lambda i: probs[PROBS[i]])]
-        return self._row(row, usage, output=output, answer=answer, probs=probs, parsed=parsed)
+            return output, answer, None, calls, scored.error or "the endpoint returned no choice_logprobs: it does not support guided_choice scoring"
+        return output, answer, softmax([scored.extra["choice_logprobs"][c] for c in choices]), calls, None
 
-    def _row(self, row, result, output, answer, probs, parsed=False, error=None) -> dict[str, Any]:
+    async def process(self, row: dict[str, Any]) -> dict[str, Any]:
+        context = row["context"] or None
+        scope = {"tuple": row["tuple_id"], "template": "student", "version": self.versions["student"], "mode": self.mode}
+        output, answer, scores, calls, error = await self._ask(prompts.student_messages(row, context), scope, list(LABELS))
+        p_dir_up = None
+        if error is None and self.direction == "separate" and row["label"] in prompts.DIRECTIONS:
+            scope = scope | {"template": "student_direction", "version": self.versions["student_direction"]}
+            _, dir_answer, dir_scores, more, error = await self._ask(prompts.direction_messages(row, context), scope, list(prompts.DIRECTIONS))
+            calls += more
+            p_dir_up = dir_scores[0] if dir_scores else None if dir_answer is None else float(dir_answer == LABELS[0])
+        usage = CallResult.merge(*calls)
+        parsed = answer is not None
+        if scores is None:
+            probs = one_hot(answer) if error is None else None
+        else:
+            probs = dict(zip(PROBS, scores))
+            answer = answer or LABELS[max(range(3), key=scores.__getitem__)]
+        return self._row(row, usage, output=output, answer=answer, probs=probs, parsed=parsed, p_dir_up=p_dir_up, error=error)
+
+    def _row(self, row, result, output, answer, probs, parsed=False, p_dir_up=None, error=None) -> dict[str, Any]:
         outcome = self.outcome(result)
         if error is not None:
             outcome[f"{self.prefix}_error"] = error
@@ -108,30 +127,34 @@ class PredictActor(LLMActor):
             "answer": answer,
             "parsed": parsed,
             **(probs or dict.fromkeys(PROBS)),
+            "p_dir_up": p_dir_up,
             **outcome,
         }
 
 
-def test_tuples(cfg: Config) -> pd.DataFrame:
-    """Test tuples of the configured split (at most `evaluate.limit` per cell line), with context."""
-    from synthpert.data import apply_split, gene_sample, load_pairs
+def eval_tuples(cfg: Config) -> pd.DataFrame:
+    """Validation and test tuples of the configured split (at most `evaluate.limit` of each per cell
+    line, whole read-out genes), with context and their `split`: the champion is chosen on the
+    validation rows, the test rows are only reported."""
+    from synthpert.data import gene_sample, load_split
     from synthpert.generate import with_context
 
-    pairs = apply_split(load_pairs(cfg.data.cell_lines, cfg.data.data_dir), cfg.data.split)
-    train = pairs[pairs["split"] == "train"].reset_index(drop=True)
-    test = pairs[pairs["split"] == "test"]
-    if cfg.evaluate.limit is not None:
-        test = pd.concat(
-            [gene_sample(part, cfg.evaluate.limit, cfg.evaluate.seed) for _, part in test.groupby("cell_line", observed=True)]
-        )
-    if test.empty:
+    pairs = load_split(cfg.data)
+    parts = []
+    for part in ("validation", "test"):
+        rows = pairs[pairs["split"] == part]
+        if cfg.evaluate.limit is not None:
+            rows = pd.concat([gene_sample(group, cfg.evaluate.limit, cfg.evaluate.seed)
+                              for _, group in rows.groupby("cell_line", observed=True)] or [rows])
+        parts.append(rows)
+    if parts[1].empty:
         raise SynthPertError(f"no test tuples for cell lines {cfg.data.cell_lines} with split {cfg.data.split!r}")
-    return with_context(test.reset_index(drop=True), train, cfg.data)
+    return with_context(pd.concat(parts).reset_index(drop=True), pairs, cfg.data)
 
 
 def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_url: str, mode: str, output_dir: str | Path,
             api_key=None, score: bool = True, progress: bool = True) -> pd.DataFrame:
-    """Run one model over `tuples`; write `predictions.parquet` + manifest to `output_dir`."""
+    """Run one model over `tuples` (eval_tuples); write `predictions.parquet` + manifest to `output_dir`."""
     import ray.data
 
     output = Path(output_dir)
@@ -144,15 +167,16 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     ds = map_with_actors(
         ds, PredictActor, endpoint, cfg.generate.actors, size, len(blocks),
         base_url=base_url, api_key=api_key, cache_path=output / "calls.sqlite", mode=mode, score=score,
+        direction=cfg.evaluate.direction,
     )
     frame = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
     if len(frame) != len(tuples):
         raise RuntimeError(f"rows in ({len(tuples)}) != rows out ({len(frame)})")
-    schema = pa.schema([(c, pa.string()) for c in ("tuple_id", "cell_line", "pert", "gene", "label")] + PredictActor.output_fields())
+    schema = pa.schema([(c, pa.string()) for c in ("tuple_id", "cell_line", "pert", "gene", "label", "split")] + PredictActor.output_fields())
     outputs = {"predictions": write_table(output, "predictions", frame, schema)}
     errored = int(frame["llm_error"].notna().sum())
     write_manifest(
         output, STAGE, outputs, model=endpoint.model, mode=mode, rows=len(frame), errored=errored,
-        parsed=int(frame["parsed"].sum()), template_versions=prompts.TEMPLATE_VERSIONS, wall_s=round(time.time() - started, 2),
+        parsed=int(frame["parsed"].sum()), template_versions=prompts.PromptSet.from_config().versions, wall_s=round(time.time() - started, 2),
     )
     return frame

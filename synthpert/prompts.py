@@ -1,7 +1,9 @@
 """Versioned prompt templates (teacher, judge, student) and tolerant parsers for what models write.
 
-A template's version is a hash of its text (and of the judge rubric), so any wording change gives
-a new id that manifests and MLflow record: traces made with one prompt are never mixed silently
+The wording lives here; the judge's rubric and the teacher's block of general principles live as
+data (`synthpert/templates/`, or a user's own files named in the config). `PromptSet.versions`
+hashes each template with the data it renders, so any wording change gives a new id that
+manifests, stage keys and MLflow record: traces made with one prompt are never mixed silently
 with traces made with another.
 """
 
@@ -11,9 +13,16 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from synthpert.config import CELL_LINES, GRADES, LABELS
+import yaml
+
+from synthpert.config import CELL_LINES, GRADES, LABELS, GenerateConfig
 from synthpert.errors import SynthPertError
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+BUILTIN = "builtin"
 
 CELL_DESCRIPTIONS = {
     "k562": "K562 (human chronic myelogenous leukemia)",
@@ -36,41 +45,55 @@ QUESTION = (
     "As a result, is the expression of the gene {gene} {options}?"
 )
 
-# Judge rubric as data (grade -> what it means), rendered into the judge prompt in this order.
-RUBRIC = {
-    "excellent": "Biologically accurate and specific: names the relevant functions, pathways or complexes of both "
-    "genes, connects them with a plausible mechanism, and that mechanism clearly leads to the observed outcome. No errors.",
-    "good": "Mostly accurate and relevant, with a plausible mechanism that supports the outcome, but less specific "
-    "or missing a step; no serious errors.",
-    "average": "Generic or partly relevant: the link between the two genes is vague or hand-waving, or there is a "
-    "minor factual error, yet the outcome is still somewhat supported.",
-    "bad": "Largely generic, contains clear factual errors, or the argument does not really support the outcome.",
-    "terrible": "Wrong, incoherent, off-topic, circular (only restates the answer), or contradicts the outcome.",
-}
-assert tuple(RUBRIC) == GRADES
+# The direction question (evaluate.direction = separate), asked of pairs known to be DE, as PerturbQA
+# and SynthPert ask it.
+QUESTION_DIRECTION = (
+    "In {cell} cells, the gene {pert} is knocked down with CRISPR interference (CRISPRi). As a result, the "
+    "expression of the gene {gene} changes significantly. Is {gene} upregulated or downregulated?"
+)
+DIRECTIONS = LABELS[:2]
+
+# The judge writes a critique, then this marker and one grade (the paper's critic).
+GRADE_MARK = "Grade:"
+CRITIQUE_MARK = "Critique:"
 
 TEMPLATES: dict[str, dict[str, str]] = {
     "teacher": {
         "system": SYSTEM,
-        "user": "{question}\n\n{context_block}"
+        "user": "{principles_block}{question}\n\n{context_block}"
         "The experimentally observed outcome is: {label}.\n\n"
         "Explain, step by step, the biological reasoning that leads to this outcome: what {pert} does, how "
         "losing it affects the cell, and why that would leave {gene} {label}. Reason as if you were working "
         "the answer out, without saying that you were told it. Write your reasoning inside <think></think>, "
         "then give the outcome inside <answer></answer>, exactly as: <answer>{label}</answer>",
     },
-    "student_cot": {
+    # One student prompt for every student: the cot student and the raw-label baseline see the same
+    # user turn, in training and at test; they differ only in what they learned to answer.
+    "student": {
         "system": SYSTEM,
         "user": "{question}\n\n{context_block}"
         "Think step by step about the biology inside <think></think>, then give exactly one of: {options_list} "
         "inside <answer></answer>.",
     },
-    "student_raw": {
+    "student_direction": {
         "system": SYSTEM,
         "user": "{question}\n\n{context_block}"
-        "Reply with only the answer, exactly one of: {options_list}, inside <answer></answer>.",
+        "Think step by step about the biology inside <think></think>, then give exactly one of: {options_list} "
+        "inside <answer></answer>.",
     },
+    # SynthPert's critic: the question and the reasoning, never the label or the final answer.
     "judge": {
+        "system": "You are a strict expert reviewer of biological reasoning. You judge the reasoning itself, "
+        "not which conclusion it reaches, and not its formatting or length.",
+        "user": "{question}\n\n{context_block}"
+        "Here is a reasoning written in answer to this question:\n<reasoning>\n{reasoning}\n</reasoning>\n\n"
+        "Do not judge the final answer. Judge the reasoning: is it biologically accurate, specific to these "
+        "genes, and does each step follow? Rubric:\n{rubric}\n\n"
+        f"First write a short critique (two or three sentences) after \"{CRITIQUE_MARK}\". Then, on the last "
+        f"line, write \"{GRADE_MARK}\" followed by exactly one of: {{grades}}.",
+    },
+    # The ablation (`generate.judge_sees_label`): the observed outcome is shown; one word back.
+    "judge_label": {
         "system": "You are a strict expert reviewer of biological reasoning. You grade the quality of the "
         "reasoning only, not its formatting or length.",
         "user": "{question}\n\n{context_block}"
@@ -81,23 +104,79 @@ TEMPLATES: dict[str, dict[str, str]] = {
     },
 }
 
-
-def _version(name: str) -> str:
-    payload = json.dumps({"template": TEMPLATES[name], "rubric": RUBRIC if name == "judge" else None}, sort_keys=True)
-    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
-
-
-TEMPLATE_VERSIONS: dict[str, str] = {name: _version(name) for name in TEMPLATES}
+# Bump when the knowledge context's text changes (synthpert.data.knowledge): it is part of every
+# prompt, so traces written with the old text must not be reused.
+CONTEXT_VERSION = "2"
 
 
-def _fields(row: Mapping, context: str | None) -> dict[str, str]:
+def read_rubric(path: str | Path) -> dict[str, str]:
+    """A rubric file: the five grades, best first, each with what it means."""
+    try:
+        rubric = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SynthPertError(f"rubric {path}: {exc}") from None
+    if not isinstance(rubric, dict) or tuple(rubric) != GRADES or not all(isinstance(v, str) and v.strip() for v in rubric.values()):
+        raise SynthPertError(f"rubric {path} must map exactly the grades {list(GRADES)}, in that order, to descriptions")
+    return {grade: " ".join(text.split()) for grade, text in rubric.items()}
+
+
+def read_principles(spec: str | None) -> str:
+    """The teacher's block of general principles: builtin, none (None or ""), or a user's file."""
+    if not spec:
+        return ""
+    path = TEMPLATE_DIR / "principles.md" if spec == BUILTIN else Path(spec)
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise SynthPertError(f"generate.teacher_principles: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one run: templates plus the rubric and principles the config names."""
+
+    rubric: dict[str, str]
+    principles: str = ""
+    judge_sees_label: bool = False
+    versions: dict[str, str] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        data = {"teacher": self.principles, "judge": self.rubric, "judge_label": self.rubric}
+        versions = {}
+        for name in ("teacher", "student", "student_direction", "judge_label" if self.judge_sees_label else "judge"):
+            payload = json.dumps({"template": TEMPLATES[name], "data": data.get(name), "context": CONTEXT_VERSION}, sort_keys=True)
+            versions["judge" if name.startswith("judge") else name] = f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+        object.__setattr__(self, "versions", versions)
+
+    @classmethod
+    def from_config(cls, g: GenerateConfig | None = None) -> PromptSet:
+        g = g or GenerateConfig()
+        rubric = g.rubric or TEMPLATE_DIR / ("rubric_label.yaml" if g.judge_sees_label else "rubric.yaml")
+        return cls(read_rubric(rubric), read_principles(g.teacher_principles), g.judge_sees_label)
+
+    def teacher(self, row: Mapping, context: str | None = None) -> list[dict[str, str]]:
+        """Ask the teacher to explain the TRUE label of `row` as <think>…</think><answer>…</answer>."""
+        block = f"General principles of the transcriptional response to a CRISPRi knock-down:\n{self.principles}\n\n" if self.principles else ""
+        return _messages("teacher", **_fields(row, context), label=_label(row), principles_block=block)
+
+    def judge(self, row: Mapping, reasoning: str, context: str | None = None) -> list[dict[str, str]]:
+        """Ask the judge to grade `reasoning` (the <think> part only) for `row` on the rubric."""
+        rubric = "\n".join(f"- {grade}: {text}" for grade, text in self.rubric.items())
+        grades = ", ".join(GRADES[:-1]) + f" or {GRADES[-1]}"
+        fields = {**_fields(row, context), "reasoning": reasoning.strip(), "rubric": rubric, "grades": grades}
+        if self.judge_sees_label:
+            return _messages("judge_label", **fields, label=_label(row))
+        return _messages("judge", **fields)
+
+
+def _fields(row: Mapping, context: str | None, question: str = QUESTION) -> dict[str, str]:
     try:
         cell, pert, gene = row["cell_line"], row["pert"], row["gene"]
     except KeyError as exc:
         raise SynthPertError(f"prompt row lacks field {exc.args[0]!r}: {dict(row)}") from None
     if cell not in CELL_DESCRIPTIONS:
         raise SynthPertError(f"unknown cell line {cell!r} in prompt row; known: {list(CELL_LINES)}")
-    question = QUESTION.format(cell=CELL_DESCRIPTIONS[cell], pert=pert, gene=gene, options=OPTIONS)
+    question = question.format(cell=CELL_DESCRIPTIONS[cell], pert=pert, gene=gene, options=OPTIONS)
     context_block = f"Background knowledge:\n{context.strip()}\n\n" if context and context.strip() else ""
     return {"question": question, "context_block": context_block, "pert": str(pert), "gene": str(gene)}
 
@@ -114,23 +193,17 @@ def _messages(name: str, **fields: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": template["system"]}, {"role": "user", "content": template["user"].format(**fields)}]
 
 
-def teacher_messages(row: Mapping, context: str | None = None) -> list[dict[str, str]]:
-    """Ask the teacher to explain the TRUE label of `row` as <think>…</think><answer>…</answer>."""
-    return _messages("teacher", **_fields(row, context), label=_label(row))
-
-
-def student_messages(row: Mapping, context: str | None = None, mode: str = "cot") -> list[dict[str, str]]:
-    """The student's question (system + user); never contains the label. mode: cot | raw."""
-    if mode not in ("cot", "raw"):
-        raise SynthPertError(f"student prompt mode must be 'cot' or 'raw', got {mode!r}")
+def student_messages(row: Mapping, context: str | None = None) -> list[dict[str, str]]:
+    """The student's question (system + user), the same for every student, in training and at
+    test; it never contains the label."""
     options_list = ", ".join(f'"{label}"' for label in LABELS)
-    return _messages(f"student_{mode}", **_fields(row, context), options_list=options_list)
+    return _messages("student", **_fields(row, context), options_list=options_list)
 
 
-def judge_messages(row: Mapping, reasoning: str, context: str | None = None) -> list[dict[str, str]]:
-    """Ask the judge to grade only `reasoning` (the <think> part) for `row`, on the rubric's grades."""
-    rubric = "\n".join(f"- {grade}: {text}" for grade, text in RUBRIC.items())
-    return _messages("judge", **_fields(row, context), label=_label(row), reasoning=reasoning.strip(), rubric=rubric, grades=", ".join(GRADES[:-1]) + f" or {GRADES[-1]}")
+def direction_messages(row: Mapping, context: str | None = None) -> list[dict[str, str]]:
+    """The separate direction question for a pair known to be differentially expressed."""
+    options_list = ", ".join(f'"{label}"' for label in DIRECTIONS)
+    return _messages("student_direction", **_fields(row, context, QUESTION_DIRECTION), options_list=options_list)
 
 
 def format_answer(label: str) -> str:
@@ -242,14 +315,14 @@ _GRADE_MARK = re.compile(r"\b(?:grade|rating|rated|score|verdict|quality|evaluat
 
 
 def parse_grade(text: str | None) -> str | None:
-    """The judge's grade: after 'grade:'/'rating:' if present, else the first word if it is a grade,
-    else the one grade mentioned; None when absent or ambiguous."""
+    """The judge's grade: after the last 'grade:'/'rating:' (a critique comes first), else the first
+    word if it is a grade, else the one grade mentioned; None when absent or ambiguous."""
     if not text:
         return None
     norm = _normalise(text)
-    marked = _GRADE_MARK.search(norm)
+    marked = list(_GRADE_MARK.finditer(norm))
     if marked:
-        return marked.group(1)
+        return marked[-1].group(1)
     words = norm.split()
     if words and words[0] in GRADES:
         return words[0]

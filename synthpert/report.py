@@ -42,6 +42,36 @@ def _metric_rows(models: dict[str, dict], scope: str | None = None) -> list[list
     return rows
 
 
+def _side_by_side(evaluation: dict) -> tuple[list[str], list[list[str]]]:
+    """Every model's validation and test figures in one row: the champion is chosen on the first."""
+    validation = evaluation.get("validation", {})
+    headers = ["model", "val AUROC DE", "val AUROC dir", "val n", "test AUROC DE", "test AUROC dir", "test accuracy",
+               "test macro-F1", "trivial acc.", "test n"]
+    rows = []
+    for name, test in evaluation["models"].items():
+        val = validation.get(name, {})
+        ci = test.get("ci") or {}
+        rows.append([name, _fmt(val.get("auroc_de")), _fmt(val.get("auroc_dir")), _fmt(val.get("n")),
+                     *(_fmt(test.get(k), ci.get(k)) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1")),
+                     _fmt(test.get("trivial_accuracy")), _fmt(test.get("n"))])
+    return headers, rows
+
+
+def scoring_note(cfg: Config) -> str:
+    """How the LLM scores were made: engine, dtype, scoring contract, direction protocol, split."""
+    serve = cfg.serve
+    dtype = serve.engine_kwargs.get("dtype") or ("bfloat16" if serve.use_gpu else "float32")
+    direction = ("asked as its own two-choice question" if cfg.evaluate.direction == "separate"
+                 else "derived from the three-way scores, p_up / (p_up + p_down)")
+    return (f"Served by our endpoint, engine `{serve.engine}` ({dtype}). Scoring contract: after the model's answer "
+            "prefix (its reasoning, then `<answer>`), each label's score is the model's own unconstrained summed "
+            "log-likelihood of the label's tokens (guided_choice `choice_logprobs`, the same on both engines); "
+            f"p_up / p_down / p_none are their softmax. Direction: {direction}. Split `{cfg.data.split}`; validation: "
+            f"{cfg.data.validation_fraction:.0%} of each line's training perturbations (seed {cfg.data.seed}), never "
+            "trained on; the champion alias moves on the validation score only, test scores are reported, never used "
+            "to choose.")
+
+
 def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: dict) -> list[tuple[str, Any]]:
     """(title, content) pairs; content is text, a table (headers, rows) or a list of images."""
     models = evaluation["models"]
@@ -53,9 +83,11 @@ def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: di
         ("Setting", f"split `{cfg.data.split}`, cell lines {', '.join(cfg.data.cell_lines)}; teacher `{cfg.generate.teacher.model}`, "
                     f"judge `{cfg.generate.judge.model}`, student base `{cfg.train.base_model or 'embedded SmolLM2-135M-Instruct'}`; "
                     f"keep {cfg.generate.keep}, answer must match: {cfg.generate.require_answer_match}; "
-                    + (f"test pairs: {cfg.evaluate.limit} per cell line, drawn as whole read-out genes (class shares are not "
+                    + (f"validation and test pairs: {cfg.evaluate.limit} of each per cell line, drawn as whole read-out genes (class shares are not "
                        "the test set's; the AUROCs rest on a few genes)." if cfg.evaluate.limit else "test pairs: all.")),
+        ("Validation and test, side by side", _side_by_side(evaluation)),
         ("All test pairs evaluated", (headers, _metric_rows(models))),
+        ("How scores were made", scoring_note(cfg)),
         ("How to read this", NOTE),
     ]
     out += [(f"Cell line {cell}", (headers, _metric_rows(models, cell))) for cell in cells]
@@ -70,7 +102,7 @@ def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: di
         [[mode, *(_fmt(t.get(k)) for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_per_s")), t.get("model_uri") or "-"]
          for mode, t in trained.items()],
     )))
-    figures = [f"{name}/{png}" for name in models for png in ("confusion.png", "auroc_per_gene.png")]
+    figures = [f"test/{name}/{png}" for name in models for png in ("confusion.png", "auroc_per_gene.png")]
     out.append(("Confusion matrices and per-gene AUROC", figures))
     return out
 
@@ -106,9 +138,9 @@ def write(out: Path, cfg: Config, traces: dict, trained: dict[str, dict], evalua
     """report.md + report.html (+ the evaluation plots they show) in `out`."""
     out = Path(out)
     for name in evaluation["models"]:
-        for png in Path(evaluation["dir"], name).glob("*.png"):
-            (out / name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(png, out / name / png.name)
+        for png in Path(evaluation["dir"], "test", name).glob("*.png"):
+            (out / "test" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(png, out / "test" / name / png.name)
     parts = sections(cfg, traces, trained, evaluation)
     title = "SynthPert pipeline report"
     markdown = out / "report.md"

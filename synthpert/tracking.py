@@ -175,8 +175,21 @@ def pipeline_run(cfg: Config) -> Iterator[str | None]:
 SCORE_TAG = "synthpert.score"
 
 
+def registered_name(cfg: Config) -> str | None:
+    """The registry name a run's adapter goes under: the raw-label baseline and each hold-out
+    split get their own, so neither ever competes with the official-split cot student."""
+    from synthpert.data import parse_split
+
+    name = cfg.train.registered_model_name
+    if not name:
+        return None
+    held = parse_split(cfg.data.split)
+    return name + ("-raw" if cfg.train.mode == "raw" else "") + (f"-holdout-{held}" if held else "")
+
+
 def promote_if_better(name: str, version: str, score: float, alias: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tag a model version with its score; point `alias` at it only if it beats the alias's holder."""
+    """Tag a model version with its score; point `alias` at it only if it beats the alias's holder.
+    `score` must be a validation score: the alias is a choice, never made on test labels."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

@@ -39,15 +39,19 @@ def test_paper_config_is_the_papers_setting():
         assert endpoint.api_key_env == "OPENAI_API_KEY"
     assert cfg.data.fraction == 0.15 and cfg.data.split == "perturbqa"
     assert cfg.generate.keep == ["excellent"] and cfg.generate.require_answer_match
+    assert not cfg.generate.judge_sees_label and cfg.generate.teacher_principles == "builtin"  # SynthPert's critic and teacher
+    assert cfg.train.loss_on == "all" and cfg.evaluate.direction == "separate" and cfg.train.lora_dropout == 0
     assert (cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.zero_stage) == (32, 32, 3)
     assert cfg.train.use_gpu and cfg.serve.engine == "vllm"
     assert isinstance(cfg.train.base_model, str) and cfg.train.base_model  # a path the user sets
 
 
-def test_rpe1_holdout_differs_from_paper_only_in_split_and_outputs():
+def test_rpe1_holdout_differs_from_paper_only_in_split_neighbours_and_outputs():
     paper = load_config(CONFIGS / "paper.yaml").model_dump(mode="json")
     rpe1 = load_config(CONFIGS / "paper_rpe1.yaml").model_dump(mode="json")
     assert rpe1["data"].pop("split") == "holdout:rpe1" and paper["data"].pop("split") == "perturbqa"
+    # no RPE1 row trains: same-line neighbours would exist for training prompts only
+    assert rpe1["data"]["knowledge"].pop("cross_cell_line") and not paper["data"]["knowledge"].pop("cross_cell_line")
     for tree in (paper, rpe1):
         tree.pop("run_dir")
         tree["tracking"].pop("experiment")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from synthpert.config import CELL_LINES, DataConfig
-from synthpert.data import apply_split, build_split, gene_sample, leakage_report, load_pairs, read_user_pairs, subsample
+from synthpert.data import apply_split, build_split, evaluation_view, gene_sample, leakage_report, load_pairs, load_split, read_user_pairs, subsample
 from synthpert.data.files import VENDOR_DIR
 from synthpert.errors import SynthPertError
 from tests.conftest import run_cli
@@ -185,13 +185,31 @@ def test_gene_sample_keeps_the_per_gene_auroc_defined(pairs, limit):
 def test_build_split_samples_training_rows_and_keeps_the_test_set():
     got = build_split(DataConfig(cell_lines=["k562", "rpe1"], split="holdout:rpe1", limit=500, seed=1))
     assert set(got.split[got.cell_line == "rpe1"]) == {"test"} and (got.split == "test").sum() == 149_147 + 37_942
-    train = got[got.split == "train"]
+    train = got[got.split.isin(["train", "validation"])]  # the teacher's pool: train + validation
     assert len(train) == 500 and set(train.cell_line) == {"k562"} and got.index.equals(pd.RangeIndex(len(got)))
     assert train.label.value_counts()["upregulated"] == round(500 * (11_041 + 2_530) / (134_467 + 23_212))
     official = build_split(DataConfig(cell_lines=["k562"], fraction=0.1))
-    assert (official.split == "train").sum() == round(0.1 * 134_467) and (official.split == "test").sum() == 23_212
+    assert official.split.isin(["train", "validation"]).sum() == round(0.1 * 134_467) and (official.split == "test").sum() == 23_212
     with pytest.raises(SynthPertError, match="not among the loaded lines"):
         build_split(DataConfig(cell_lines=["k562"], split="holdout:rpe1"))
+
+
+@pytest.mark.parametrize("split", ["perturbqa", "holdout:rpe1"])
+def test_validation_is_carved_from_train_by_perturbation(split):
+    cfg = DataConfig(cell_lines=["k562", "rpe1"], split=split, validation_fraction=0.1, seed=3)
+    pairs = load_split(cfg)
+    official = apply_split(load_pairs(["k562", "rpe1"]), split)
+    assert ((pairs.split == "test") == (official.split == "test")).all()  # the test set is untouched
+    perts = {part: set(zip(rows.cell_line, rows.pert)) for part, rows in pairs.groupby("split", observed=True)}
+    assert not perts["validation"] & perts["train"] and not perts["validation"] & perts["test"]  # disjoint by perturbation
+    for cell, rows in pairs[pairs.split != "test"].groupby("cell_line", observed=True):
+        share = rows[rows.split == "validation"].pert.nunique() / rows.pert.nunique()
+        assert 0.05 < share < 0.15, (cell, share)
+    assert pairs.split.equals(load_split(cfg).split)  # seeded: the same every time
+    assert not load_split(cfg.model_copy(update={"seed": 4})).split.equals(pairs.split)
+    assert (load_split(cfg.model_copy(update={"validation_fraction": 0.0})).split != "validation").all()
+    assert set(evaluation_view(pairs, "validation").split) == {"train", "test"}
+    assert len(evaluation_view(pairs, "validation").query("split == 'test'")) == (pairs.split == "validation").sum()
 
 
 def test_vendored_checksums_cover_every_vendored_file():
@@ -207,11 +225,12 @@ def test_cli_data_stats_json_and_tables():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for cell, (de_train, de_test, dir_train, dir_test, _, _) in README_COUNTS.items():
         got = result["per_cell_line"][cell]
-        assert (got["train"]["pairs"], got["test"]["pairs"]) == (de_train, de_test)
-        assert got["train"]["upregulated"] + got["train"]["downregulated"] == dir_train
+        train = {k: got["train"][k] + got["validation"][k] for k in ("pairs", "upregulated", "downregulated")}  # validation: carved from train
+        assert (train["pairs"], got["test"]["pairs"]) == (de_train, de_test)
+        assert train["upregulated"] + train["downregulated"] == dir_train
         assert got["test"]["upregulated"] + got["test"]["downregulated"] == dir_test
     assert result["leakage"]["per_cell_line"]["k562"]["test_perturbations_in_train"] == 254
-    assert "134,467" in proc.stdout and "Leakage" in proc.stdout  # the rich tables, untruncated
+    assert "23,212" in proc.stdout and "validation" in proc.stdout and "Leakage" in proc.stdout  # the rich tables, untruncated
 
 
 def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
@@ -219,7 +238,7 @@ def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
                    "--data-dir", "/work/shared/data" if Path("/work/shared/data").is_dir() else str(VENDOR_DIR), "--json", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["rows"] == 300 + 187_089 and result["split"] == "holdout:rpe1"
-    assert set(result["per_cell_line"]["rpe1"]) == {"test"} and set(result["per_cell_line"]["k562"]) == {"train"}
+    assert set(result["per_cell_line"]["rpe1"]) == {"test"} and set(result["per_cell_line"]["k562"]) == {"train", "validation"}
     bad = run_cli("data", "stats", "--split", "random")
     assert bad.returncode == 2 and "unknown split 'random'" in bad.stderr
     missing = run_cli("data", "stats", "--data-dir", str(tmp_path))

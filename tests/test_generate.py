@@ -21,6 +21,7 @@ from tests.conftest import REPO, free_port
 from tests.fake_api import MALFORMED, FakeAPI, Faults, content_key
 
 SECRET = "sk-test-5f3c9e-never-print-me"
+PROMPTS = prompts.PromptSet.from_config()
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +73,11 @@ def test_keep_rule_checks_cheap_things_first_and_counts_add_up():
     assert judge.keep_rule("good", ["excellent"]) == "grade"
     assert judge.keep_rule(None, ["excellent", "good"]) == "grade_unparseable"
     ours = load_config(None, []).generate
-    assert judge.grade_constraint(ours) == {"guided_choice": list(judge.GRADES)}  # our endpoint: on
+    assert judge.use_guided_judge(ours) and judge.grade_choice(ours) == {"guided_choice": list(judge.GRADES)}  # our endpoint
     vllm = load_config(None, ["generate.judge.base_url=http://127.0.0.1:1/v1"]).generate
-    assert judge.grade_constraint(vllm) is None  # another endpoint: parse, unless told it can constrain
+    assert not judge.use_guided_judge(vllm)  # another endpoint: parse, unless told it can constrain
     vllm.use_guided_choice, vllm.guided_choice_format = True, "structured_outputs"
-    assert judge.grade_constraint(vllm) == {"structured_outputs": {"choice": list(judge.GRADES)}}
+    assert judge.use_guided_judge(vllm) and judge.grade_choice(vllm) == {"structured_outputs": {"choice": list(judge.GRADES)}}
     reasons = [None, "teacher_error", "judge_error", "malformed_trace", "answer_mismatch", "grade_unparseable", "grade", None]
     frame = pd.DataFrame({"reject_reason": reasons, "accepted": [r is None for r in reasons]})
     assert judge.counts(frame) == {"rows": 8, "accepted": 2, "rejected_grade": 2, "rejected_answer": 1,
@@ -118,7 +119,7 @@ def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_pa
 
     teacher_times, judge_times = [], []
     for row in _records(attempts):
-        key = content_key("fake-teacher", prompts.teacher_messages(row, ""))
+        key = content_key("fake-teacher", PROMPTS.teacher(row, ""))
         outcomes = [o for _, o in log[key]]
         teacher_times += [t for t, _ in log[key]]
         assert row["teacher_retries"] == len(outcomes) - 1
@@ -135,7 +136,7 @@ def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_pa
         if row["reject_reason"] in ("malformed_trace", "answer_mismatch"):
             assert not row["judge_called"] and row["judge_output"] is None  # nothing paid for a lost cause
             continue
-        jkey = content_key("fake-judge", prompts.judge_messages(row, row["reasoning"], ""))
+        jkey = content_key("fake-judge", PROMPTS.judge(row, row["reasoning"], ""))
         judge_times += [t for t, _ in log[jkey]]
         if row["judge_error"]:
             assert row["reject_reason"] == "judge_error" and row["error"].startswith("judge: ")
@@ -149,17 +150,17 @@ def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_pa
 
     sft = pd.read_parquet(out / "sft.parquet")
     kept = attempts[attempts["accepted"]]
-    assert list(sft.columns) == ["cell_line", "pert", "gene", "label", "messages"] and len(sft) == len(kept)
+    assert list(sft.columns) == ["cell_line", "pert", "gene", "label", "split", "messages"] and len(sft) == len(kept)
     for row, messages in zip(_records(kept), sft["messages"]):
         messages = [dict(m) for m in messages]
-        assert messages[:2] == prompts.student_messages(row, "", mode="cot")  # the student's prompt, not the teacher's
-        assert messages[:2] != prompts.teacher_messages(row, "") and "observed outcome" not in messages[1]["content"]
+        assert messages[:2] == prompts.student_messages(row, "")  # the student's prompt, not the teacher's
+        assert messages[:2] != PROMPTS.teacher(row, "") and "observed outcome" not in messages[1]["content"]
         assert messages[2]["role"] == "assistant"
         assert prompts.parse_trace(messages[2]["content"]) == (row["reasoning"], row["label"])
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["accepted"] == summary["accepted"]
-    assert manifest["template_versions"] == prompts.TEMPLATE_VERSIONS
+    assert manifest["template_versions"] == PROMPTS.versions
     assert manifest["models"] == {"teacher": "fake-teacher", "judge": "fake-judge"}
     run = mlflow.get_run(summary["run_id"])
     assert run.data.metrics["accepted"] == summary["accepted"] and "grade_good" in run.data.metrics

@@ -57,8 +57,7 @@ def test_context_names_terms_and_training_neighbours(knowledge, pairs):
     assert "Perturbed gene RPL7: ribosomal protein L7." in text and "Read-out gene MYC: MYC proto-oncogene" in text
     assert "cytosolic large ribosomal subunit [CC]" in text and "Shared GO terms: DNA binding." in text
     train = pairs[(pairs.cell_line == "k562") & (pairs.split == "train")]
-    rpl7 = train[(train.pert == "RPL7") & (train.gene != "MYC")].label.value_counts()
-    assert f"Knockdown of RPL7, other read-out genes: {rpl7['upregulated']} upregulated, {rpl7['downregulated']} downregulated" in text
+    assert "Knockdown of RPL7" not in text  # never P's own rows in its own line (prompt parity)
     listed = re.search(r"Knockdowns most GO-similar to RPL7: (.*)\.", text).group(1).split("; ")
     assert len(listed) == 3 and listed[0].startswith("RPL36A: ")  # another ribosomal protein first
     for item in listed:  # each neighbour's label is its real training label for MYC
@@ -67,21 +66,41 @@ def test_context_names_terms_and_training_neighbours(knowledge, pairs):
     assert "in RPE1" not in text  # same cell line only by default
     pooled = knowledge.context("k562", "RPL7", "MYC", pairs, KnowledgeConfig(cross_cell_line=True))
     assert "(all cell lines)" in pooled and " in RPE1: " in pooled
+    others = pairs[(pairs.split == "train") & (pairs.pert == "RPL7") & (pairs.cell_line != "k562") & (pairs.gene != "MYC")]
+    counts = others.label.value_counts()
+    assert f"Knockdown of RPL7 in other cell lines, other read-out genes: {counts['upregulated']} upregulated" in pooled
+    assert " in K562: " not in pooled.split("Knockdown of RPL7")[1].split("\n  MYC under")[0]
+
+
+def test_a_training_tuple_gets_the_context_of_an_unseen_perturbation(knowledge, pairs):
+    """Prompt parity: a training tuple's context holds no row of its own perturbation (in its line),
+    exactly like a test tuple's, whose perturbation is never a training one of its line."""
+    train = pairs[(pairs.cell_line == "k562") & (pairs.split == "train")]
+    row = train[train.de == 1].iloc[0]
+    text = knowledge.context("k562", row.pert, row.gene, pairs)
+    assert row.pert in text and "Knockdown of" not in text
+    listed = re.search(r"Knockdowns most GO-similar to \S+: (.*)\.", text)
+    assert listed is None or row.pert not in {item.split(":")[0] for item in listed.group(1).split("; ")}
+    g_rows = train[(train.gene == row.gene) & (train.pert != row.pert)].label.value_counts()
+    assert f"{row.gene} under other knockdowns: {g_rows.get('upregulated', 0)} upregulated" in text
+    test_row = pairs[(pairs.cell_line == "k562") & (pairs.split == "test")].iloc[0]
+    test_text = knowledge.context("k562", test_row.pert, test_row.gene, pairs)
+    for context in (text, test_text):  # the same sections, train or test
+        assert "under other knockdowns" in context and "Knockdown of" not in context
 
 
 def test_context_never_uses_test_labels_or_the_query_pair(knowledge, pairs):
     test_row = pairs[(pairs.cell_line == "rpe1") & (pairs.split == "test") & (pairs.de == 1)].iloc[0]
     text = knowledge.context("rpe1", test_row.pert, test_row.gene, pairs)  # full table passed in
-    assert f"Knockdown of {test_row.pert}, other read-out genes: none in the training data." in text
+    assert "Knockdown of" not in text
     test_perts = set(pairs[(pairs.cell_line == "rpe1") & (pairs.split == "test")].pert)
     listed = re.search(r"Knockdowns most GO-similar to \S+: (.*)\.", text)
     assert listed and not {item.split(":")[0] for item in listed.group(1).split("; ")} & test_perts
-    # a training pair: its own label is not counted among the perturbation's other read-outs
+    # a training pair: its own label is not counted under its read-out gene's other knockdowns
     row = pairs[(pairs.cell_line == "k562") & (pairs.split == "train") & (pairs.de == 1)].iloc[0]
     text = knowledge.context("k562", row.pert, row.gene, pairs)
-    others = pairs[(pairs.cell_line == "k562") & (pairs.split == "train") & (pairs.pert == row.pert)]
+    others = pairs[(pairs.cell_line == "k562") & (pairs.split == "train") & (pairs.gene == row.gene)]
     assert f"{(others.label == row.label).sum() - 1} {row.label}" in text
-    assert f" {row.gene}: " not in text.split("other read-out genes")[1].split("\n  ")[0]
 
 
 def test_context_size_and_switch(knowledge, pairs):

@@ -46,21 +46,87 @@ def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
     assert second.stage("s", "k2", work)["value"] == 2  # another key is another stage
 
 
-def test_champion_moves_only_to_a_better_version(tmp_path):
-    cfg = load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+def _registry(cfg, name: str, versions: int) -> MlflowClient:
+    """A registered model with `versions` versions (each a logged adapter folder)."""
     tracking.setup(cfg.tracking)
     client = MlflowClient()
-    client.create_registered_model("student")
-    for _ in range(3):
+    client.create_registered_model(name)
+    for _ in range(versions):
         with mlflow.start_run():
             mlflow.log_text("adapter", "adapter/a.txt")
-            client.create_model_version("student", f"{mlflow.get_artifact_uri()}/adapter", mlflow.active_run().info.run_id)
+            client.create_model_version(name, f"{mlflow.get_artifact_uri()}/adapter", mlflow.active_run().info.run_id)
+    return client
+
+
+def test_champion_moves_only_to_a_better_version(tmp_path):
+    client = _registry(load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]), "student", 3)
     first = tracking.promote_if_better("student", "1", 0.60, "champion")
     worse = tracking.promote_if_better("student", "2", 0.55, "champion")
     better = tracking.promote_if_better("student", "3", 0.65, "champion")
     assert first["promoted"] and not worse["promoted"] and better["promoted"]
     assert str(client.get_model_version_by_alias("student", "champion").version) == "3"
     assert client.get_model_version("student", "2").tags[tracking.SCORE_TAG] == "0.55"
+
+
+def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
+    """A model's predictions file on the validation + test tuples: scores that follow the truth by
+    `skill` (plus seeded noise)."""
+    import numpy as np
+
+    from synthpert.artifacts import write_manifest, write_table
+    import pyarrow as pa
+
+    from synthpert.predict import PROBS, eval_tuples
+
+    rows = eval_tuples(cfg)[["cell_line", "pert", "gene", "label", "split"]]
+    rng = np.random.default_rng(len(name))
+    truth_label = rows.merge(truth[["cell_line", "pert", "gene", "label"]], on=["cell_line", "pert", "gene"], suffixes=("", "_t"))["label_t"]
+    logits = rng.normal(size=(len(rows), 3)) + skill * np.stack([truth_label == lab for lab in ("upregulated", "downregulated", "not differentially expressed")], 1)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    frame = pa.Table.from_pandas(rows.assign(**{p: probs[:, i] for i, p in enumerate(PROBS)}), preserve_index=False)
+    out = root / name
+    out.mkdir(parents=True)
+    outputs = {"predictions": write_table(out, "predictions", frame, frame.schema)}
+    write_manifest(out, "predict", outputs)
+    return {"dir": str(out)}
+
+
+def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
+    """The champion is chosen on validation: scrambling every test label changes the test metrics
+    and nothing about the choice; a version better on test but worse on validation is not promoted."""
+    import numpy as np
+
+    import synthpert.data as data
+
+    cfg = load_config(None, [f"run_dir={tmp_path}/a", "data.cell_lines=[k562]", "evaluate.limit=30", "evaluate.bootstrap=0",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    truth = data.load_split(cfg.data)
+    assert (truth["split"] == "validation").any()
+    predictions = {"student-cot": _fake_predictions(cfg, tmp_path / "p", truth, "student-cot", 1.5)}
+    real = Pipeline(cfg, progress=False).evaluate(predictions)
+    scrambled_truth = truth.copy()
+    test = (scrambled_truth["split"] == "test").to_numpy()
+    scrambled_truth.loc[test, "label"] = np.random.default_rng(0).permutation(scrambled_truth.loc[test, "label"].to_numpy())
+    monkeypatch.setattr(data, "load_split", lambda _: scrambled_truth)
+    cfg_b = cfg.model_copy(update={"run_dir": tmp_path / "b"})
+    scrambled = Pipeline(cfg_b, progress=False).evaluate(predictions)
+    assert scrambled["validation"] == real["validation"]
+    assert scrambled["models"]["student-cot"]["auroc_de"] != real["models"]["student-cot"]["auroc_de"]
+
+    client = _registry(cfg, "synthpert-student", 2)
+    good_val, bad_val = {"auroc_de": 0.70, "auroc_dir": 0.70}, {"auroc_de": 0.60, "auroc_dir": 0.60}
+    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50})
+    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99})
+    assert first["promoted"] and not second["promoted"]
+    holder = client.get_model_version_by_alias("synthpert-student", "champion")
+    assert str(holder.version) == "1" and holder.tags["synthpert.test.auroc_de"] == "0.5"
+    assert client.get_model_version("synthpert-student", "2").tags["synthpert.validation.auroc_de"] == "0.6"
+
+
+def test_hold_out_runs_register_under_their_own_name():
+    assert tracking.registered_name(load_config(None)) == "synthpert-student"
+    assert tracking.registered_name(load_config(None, ["train.mode=raw"])) == "synthpert-student-raw"
+    assert tracking.registered_name(load_config("configs/paper_rpe1.yaml")) == "synthpert-student-holdout-rpe1"
 
 
 def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_server, tmp_path):
@@ -87,6 +153,8 @@ def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_ser
     for model in ("student-cot", "student-raw", "base", "trivial", "retrieval"):
         assert f"| {model} |" in report
     assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
+    assert set(result["validation_scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
+    assert "val AUROC DE" in report and "Scoring contract" in report  # validation and test side by side
 
     tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=pipeline-test"]).tracking)
     mlflow_client = MlflowClient()

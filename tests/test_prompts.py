@@ -3,17 +3,11 @@ import pytest
 import synthpert.prompts as prompts
 from synthpert.config import GRADES, LABELS
 from synthpert.errors import SynthPertError
-from synthpert.prompts import (
-    RUBRIC,
-    TEMPLATE_VERSIONS,
-    format_answer,
-    judge_messages,
-    parse_answer,
-    parse_grade,
-    parse_trace,
-    student_messages,
-    teacher_messages,
-)
+from synthpert.config import GenerateConfig
+from synthpert.prompts import PromptSet, format_answer, parse_answer, parse_grade, parse_trace, student_messages
+
+PROMPTS = PromptSet.from_config()
+teacher_messages, judge_messages = PROMPTS.teacher, PROMPTS.judge
 
 UP, DOWN, NONE = LABELS
 ROW = {"cell_line": "rpe1", "pert": "RPL7", "gene": "MYC", "label": DOWN}
@@ -146,6 +140,7 @@ def test_parse_trace(text, reasoning, label):
         ("Excellent.", "excellent"),
         ("**Good**", "good"),
         ("Grade: average", "average"),
+        ("Critique: a good start; the grade I would give is not excellent.\nGrade: bad", "bad"),  # the last mark
         ("The grade is: bad.", "bad"),
         ("TERRIBLE - the reasoning is circular", "terrible"),
         ("I would rate this reasoning as average.", "average"),
@@ -165,12 +160,13 @@ def test_teacher_sees_the_true_label_students_never_do():
     assert [m["role"] for m in teacher] == ["system", "user"]
     assert "observed outcome is: downregulated" in teacher[1]["content"]
     assert "<answer>downregulated</answer>" in teacher[1]["content"] and context in teacher[1]["content"]
-    for mode in ("cot", "raw"):
-        student = student_messages(ROW, context, mode=mode)
-        text = student[1]["content"]
-        assert "RPL7" in text and "MYC" in text and "RPE1" in text and context in text
-        assert "observed" not in text and "<answer></answer>" in text
-    assert "<think>" in student_messages(ROW)[1]["content"] and "<think>" not in student_messages(ROW, mode="raw")[1]["content"]
+    assert "General principles" in teacher[1]["content"] and "dCas9-KRAB" in teacher[1]["content"]
+    bare = PromptSet.from_config(GenerateConfig(teacher_principles=None)).teacher(ROW, context)
+    assert "General principles" not in bare[1]["content"]
+    text = student_messages(ROW, context)[1]["content"]
+    assert "RPL7" in text and "MYC" in text and "RPE1" in text and context in text
+    assert "observed" not in text and "<answer></answer>" in text and "<think>" in text
+    assert "General principles" not in text  # the teacher's help, not the student's
     assert "Background knowledge" not in student_messages(ROW, None)[1]["content"]
     assert "Background knowledge" not in student_messages(ROW, "  ")[1]["content"]
     unlabelled = {k: v for k, v in ROW.items() if k != "label"}
@@ -178,13 +174,32 @@ def test_teacher_sees_the_true_label_students_never_do():
     assert parse_answer(format_answer(UP)) == UP
 
 
-def test_judge_grades_the_reasoning_with_the_rubric():
+def test_the_default_judge_is_blind_to_the_label_and_the_answer():
+    """SynthPert's critic: question + reasoning only, a critique first, then a grade."""
     user = judge_messages(ROW, "  Loss of RPL7 triggers nucleolar stress.  ")[1]["content"]
     assert "<reasoning>\nLoss of RPL7 triggers nucleolar stress.\n</reasoning>" in user
-    for grade, text in RUBRIC.items():
+    assert DOWN not in user.replace(prompts.OPTIONS, "")  # the label is nowhere but in the question's options
+    assert "observed" not in user and "Do not judge the final answer" in user and "Critique:" in user and "Grade:" in user
+    for grade, text in PROMPTS.rubric.items():
         assert f"- {grade}: {text}" in user
-    assert user.index("- excellent") < user.index("- terrible")
-    assert tuple(RUBRIC) == GRADES
+    assert user.index("- excellent") < user.index("- terrible") and tuple(PROMPTS.rubric) == GRADES
+    ablation = PromptSet.from_config(GenerateConfig(judge_sees_label=True))
+    shown = ablation.judge(ROW, "Loss of RPL7 triggers nucleolar stress.")[1]["content"]
+    assert "observed outcome is: downregulated" in shown and "leads to the observed outcome" in shown
+    assert ablation.versions["judge"] != PROMPTS.versions["judge"]
+
+
+def test_rubrics_are_data(tmp_path):
+    mine = tmp_path / "rubric.yaml"
+    mine.write_text("\n".join(f"{g}: my words for {g}" for g in GRADES))
+    custom = PromptSet.from_config(GenerateConfig(rubric=mine))
+    assert "- bad: my words for bad" in custom.judge(ROW, "r")[1]["content"]
+    assert custom.versions["judge"] != PROMPTS.versions["judge"] and custom.versions["teacher"] == PROMPTS.versions["teacher"]
+    mine.write_text("excellent: x\ngood: y\n")
+    with pytest.raises(SynthPertError, match="must map exactly the grades"):
+        PromptSet.from_config(GenerateConfig(rubric=mine))
+    with pytest.raises(SynthPertError, match="teacher_principles"):
+        PromptSet.from_config(GenerateConfig(teacher_principles=str(tmp_path / "missing.md")))
 
 
 def test_bad_rows_are_clear_errors():
@@ -194,17 +209,17 @@ def test_bad_rows_are_clear_errors():
         student_messages({**ROW, "cell_line": "hela"})
     with pytest.raises(SynthPertError, match="lacks field 'gene'"):
         student_messages({"cell_line": "k562", "pert": "A"})
-    with pytest.raises(SynthPertError, match="mode"):
-        student_messages(ROW, mode="fewshot")
 
 
 def test_template_versions_follow_the_text(monkeypatch):
-    assert set(TEMPLATE_VERSIONS) == {"teacher", "judge", "student_cot", "student_raw"}
-    assert len(set(TEMPLATE_VERSIONS.values())) == 4
-    before = dict(TEMPLATE_VERSIONS)
-    monkeypatch.setitem(prompts.RUBRIC, "bad", "changed wording")
-    assert prompts._version("judge") != before["judge"] and prompts._version("teacher") == before["teacher"]
-    monkeypatch.setitem(prompts.TEMPLATES["student_raw"], "user", "{question} answer!")
-    assert prompts._version("student_raw") != before["student_raw"]
+    before = dict(PROMPTS.versions)
+    assert set(before) == {"teacher", "judge", "student", "student_direction"} and len(set(before.values())) == 4
+    monkeypatch.setitem(prompts.TEMPLATES["student"], "user", "{question} answer!")
+    changed = PromptSet.from_config().versions
+    assert changed["student"] != before["student"] and changed["teacher"] == before["teacher"]
+    monkeypatch.setattr(prompts, "CONTEXT_VERSION", "next")  # the context text is in every prompt
+    assert all(PromptSet.from_config().versions[k] != changed[k] for k in before)
     monkeypatch.undo()
-    assert {name: prompts._version(name) for name in prompts.TEMPLATES} == before
+    assert PromptSet.from_config().versions == before
+    no_principles = PromptSet.from_config(GenerateConfig(teacher_principles=None)).versions
+    assert no_principles["teacher"] != before["teacher"] and no_principles["judge"] == before["judge"]

@@ -20,7 +20,6 @@ from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, load_config
 from synthpert.errors import SynthPertError
 from synthpert.train import train
-from synthpert.prompts import student_messages
 from synthpert.train.collate import IGNORE, build_messages, collate, pack, tokenize_chat, tokenize_frame
 from tests.conftest import REPO, run_cli
 
@@ -49,8 +48,9 @@ def chat(i: int, label: str) -> list[dict]:
 
 
 def write_traces(directory: Path, n: int = 16, run_id: str | None = "traces-run-1", drop: tuple[str, ...] = ()) -> Path:
-    rows = [
-        {"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i % 3], "messages": chat(i, LABELS[i % 3])}
+    rows = [  # every 8th perturbation a validation one, as the traces stage marks them
+        {"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i % 3], "messages": chat(i, LABELS[i % 3]),
+         "split": "validation" if i % 8 == 7 else "train"}
         for i in range(n)
     ]
     schema = pa.schema([f for f in SFT_SCHEMA if f.name not in drop])
@@ -104,20 +104,21 @@ def test_cot_labels_cover_only_the_assistant_turn(tokenizer):
     assert labelled_text(tokenizer, ids, labels) == messages[-1]["content"] + "<|im_end|>\n"
     first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
     assert all(lab == IGNORE for lab in labels[:first]) and "Knock-down of P7" in tokenizer.decode(ids[:first])
-    _, unmasked = tokenize_chat(tokenizer, messages, max_seq_len=512, mask_prompt=False)
+    _, unmasked = tokenize_chat(tokenizer, messages, max_seq_len=512, loss_on="all")
     assert unmasked == ids
 
 
 def test_raw_mode_labels_only_the_answer_tag(tokenizer):
-    """raw: the same tuple, the student's raw prompt, and only `<answer>label</answer>` to learn."""
+    """raw: the same tuple, the cot student's very user turn (context included), and only
+    `<answer>label</answer>` to learn."""
     rows = [{"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i], "messages": chat(i, LABELS[i])} for i in range(3)]
     messages = build_messages(rows[1], "raw")
-    assert messages[:-1] == student_messages(rows[1], context=None, mode="raw")
+    assert messages[:-1] == build_messages(rows[1], "cot")[:-1] == chat(1, LABELS[1])[:-1]
     ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
     assert labelled_text(tokenizer, ids, labels) == "<answer>downregulated</answer><|im_end|>\n"
     assert "<think>" not in tokenizer.decode(ids)
     for mode, packing in (("cot", False), ("raw", False), ("raw", True)):
-        table = tokenize_frame(pd.DataFrame(rows), tokenizer, mode, 512, mask_prompt=True, packing=packing)
+        table = tokenize_frame(pd.DataFrame(rows), tokenizer, mode, 512, loss_on="assistant", packing=packing)
         assert table["examples"].sum() == 3 and len(table) == (1 if packing else 3)
         texts = sorted(labelled_text(tokenizer, i, lab) for i, lab in zip(table["input_ids"], table["labels"]))
         if not packing:

@@ -7,13 +7,17 @@ from synthpert.data.perturbqa import (
     DIRECTIONS,
     apply_split,
     build_split,
+    carve_validation,
     describe,
+    evaluation_view,
     gene_sample,
+    is_validation,
     leakage_report,
     load_pairs,
+    load_split,
     parse_split,
     read_user_pairs,
     subsample,
 )
 
-__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "describe", "data_file", "gene_sample", "jaccard", "leakage_report", "load_pairs", "parse_split", "read_user_pairs", "subsample"]
+__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "carve_validation", "describe", "evaluation_view", "data_file", "gene_sample", "is_validation", "jaccard", "leakage_report", "load_pairs", "load_split", "parse_split", "read_user_pairs", "subsample"]

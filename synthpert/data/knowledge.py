@@ -178,12 +178,14 @@ class Knowledge:
             lines.append(f"  GO terms of {symbol}: " + "; ".join(f"{self.terms[g][0]} [{self.terms[g][1]}]" for g in top) + ".")
         return lines
 
-    def _neighbours(self, index: _TrainIndex, positions, other: str, query: str, exclude: str, n: int, pooled: bool) -> tuple[str, list[str]]:
-        """Label counts at `positions` (the query pair left out) and the n rows whose `other`
-        gene is most GO-similar to `query` (similarity > 0; ties by symbol, then cell line)."""
+    def _neighbours(self, index: _TrainIndex, positions, other: str, query: str, exclude: str, n: int, pooled: bool,
+                    skip_cell: str | None = None) -> tuple[str, list[str]]:
+        """Label counts at `positions` (rows whose `other` gene is `exclude`, and rows of `skip_cell`,
+        left out) and the n rows whose `other` gene is most GO-similar to `query` (similarity > 0;
+        ties by symbol, then cell line)."""
         positions = np.asarray([] if positions is None else positions, dtype=int)
         symbols, labels, cells = (index.columns[c][positions] for c in (other, "label", "cell_line"))
-        keep = symbols != exclude
+        keep = (symbols != exclude) & (cells != skip_cell)
         symbols, labels, cells = symbols[keep], labels[keep], cells[keep]
         if not len(symbols):
             return "none in the training data", []
@@ -199,9 +201,11 @@ class Knowledge:
         """Deterministic background text for one tuple; None when knowledge is switched off.
 
         Gene names and the most specific GO terms of P and G, their shared terms, and with
-        `train_pairs` the labels of P on other read-out genes and of G under other knockdowns
-        (the most GO-similar listed first). Only rows with split == "train" are used, never the
-        query pair itself; same cell line only unless cfg.cross_cell_line.
+        `train_pairs` the labels of G under other knockdowns (the most GO-similar listed first)
+        and, with cfg.cross_cell_line, of P in the OTHER cell lines. Only rows with split ==
+        "train" are used, and never a row of P in the tuple's own line: a test (or validation)
+        perturbation is never a training perturbation of its line, so a training tuple's prompt is
+        built as if P were unseen too, and train and test prompts show the same kinds of facts.
         """
         cfg = cfg or self.cfg
         if not cfg.enabled:
@@ -214,12 +218,14 @@ class Knowledge:
             pooled = cfg.cross_cell_line
             index = self._index(train_pairs, pooled)
             key = () if pooled else (cell_line,)
-            p_summary, p_best = self._neighbours(index, index.by_pert.get((*key, pert)), "gene", gene, gene, cfg.neighbours, pooled)
-            g_summary, g_best = self._neighbours(index, index.by_gene.get((*key, gene)), "pert", pert, pert, cfg.neighbours, pooled)
             lines.append(f"Labelled training data ({'all cell lines' if pooled else _short(cell_line)}):")
-            lines.append(f"  Knockdown of {pert}, other read-out genes: {p_summary}.")
-            if p_best:
-                lines.append(f"    Read-out genes most GO-similar to {gene}: " + "; ".join(p_best) + ".")
+            if pooled:
+                p_summary, p_best = self._neighbours(index, index.by_pert.get((pert,)), "gene", gene, gene, cfg.neighbours,
+                                                     pooled, skip_cell=cell_line)
+                lines.append(f"  Knockdown of {pert} in other cell lines, other read-out genes: {p_summary}.")
+                if p_best:
+                    lines.append(f"    Read-out genes most GO-similar to {gene}: " + "; ".join(p_best) + ".")
+            g_summary, g_best = self._neighbours(index, index.by_gene.get((*key, gene)), "pert", pert, pert, cfg.neighbours, pooled)
             lines.append(f"  {gene} under other knockdowns: {g_summary}.")
             if g_best:
                 lines.append(f"    Knockdowns most GO-similar to {pert}: " + "; ".join(g_best) + ".")

@@ -1,13 +1,15 @@
 """PerturbQA as one typed pairs table, the splits we evaluate on, subsampling and a leakage report.
 
 Pairs table: one row per (cell_line, pert, gene) with `de` (0/1), `direction` (up/down/none),
-`label` (the three-class SynthPert label) and `split` (train/test). The DE and direction files
+`label` (the three-class SynthPert label) and `split` (train/test, and validation once carved out
+of train by `load_split`). The DE and direction files
 are joined exactly: every DE-positive pair must have one direction row and every direction row
 must be a DE-positive pair with the same split, else the data is wrong and we say where.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from synthpert.data.files import data_file, read_csv
 from synthpert.errors import SynthPertError
 
 DIRECTIONS = ("up", "down", "none")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
 COLUMNS = ("cell_line", "pert", "gene", "de", "direction", "label", "split")
 LABEL_OF_DIRECTION = dict(zip(DIRECTIONS, LABELS))  # up -> upregulated, down -> ..., none -> not DE
 
@@ -145,6 +147,47 @@ def apply_split(pairs: pd.DataFrame, split: str) -> pd.DataFrame:
     return out
 
 
+def is_validation(cell_line: str, pert: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a training perturbation of a line is held out for validation: a seeded hash of
+    (line, perturbation), so every stage (and a user's own traces) agrees without a shared table."""
+    digest = hashlib.sha256(f"{seed}|{cell_line}|{pert}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def carve_validation(pairs: pd.DataFrame, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """Training rows of a seeded `fraction` of each line's training perturbations become
+    `validation`: grouped by perturbation, like the test split, so validation asks about
+    knock-downs the student never saw."""
+    if not fraction:
+        return pairs
+    train = (pairs["split"] == "train").to_numpy()
+    keys = pairs.loc[train, ["cell_line", "pert"]].astype(str).drop_duplicates()
+    held = {(c, p) for c, p in zip(keys["cell_line"], keys["pert"]) if is_validation(c, p, fraction, seed)}
+    mask = np.zeros(len(pairs), dtype=bool)
+    mask[np.flatnonzero(train)] = [k in held for k in zip(pairs["cell_line"].astype(str)[train], pairs["pert"].astype(str)[train])]
+    out = pairs.copy()
+    out.loc[mask, "split"] = "validation"
+    out.attrs.update(pairs.attrs)
+    return out
+
+
+def load_split(data_cfg: DataConfig) -> pd.DataFrame:
+    """The configured lines and split, with validation carved out of train."""
+    pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
+    return carve_validation(pairs, data_cfg.validation_fraction, data_cfg.seed)
+
+
+def evaluation_view(pairs: pd.DataFrame, part: str) -> pd.DataFrame:
+    """The pairs as evaluation sees them when scoring `part` (validation or test): its rows are
+    the "test" rows, train stays train, the other part is dropped (never seen at all)."""
+    if part not in ("validation", "test"):
+        raise SynthPertError(f"can evaluate on 'validation' or 'test', not {part!r}")
+    kept = pairs[pairs["split"].isin(["train", part])].copy()
+    kept["split"] = kept["split"].map({"train": "train", part: "test"}).astype(_SPLIT)
+    kept.attrs.update(pairs.attrs)
+    return kept
+
+
 def _quotas(counts: np.ndarray, n: int) -> np.ndarray:
     """Split n over strata proportionally to `counts` (largest remainder, ties to the earlier stratum)."""
     exact = counts * (n / counts.sum())
@@ -212,13 +255,15 @@ def gene_sample(pairs: pd.DataFrame, limit: int, seed: int = 0) -> pd.DataFrame:
 
 
 def build_split(data_cfg: DataConfig) -> pd.DataFrame:
-    """Load and split as the DataConfig says; fraction/limit subsample the TRAINING rows only.
+    """Load and split as the DataConfig says; fraction/limit subsample the train and validation
+    rows only.
 
-    The training sample is what the teacher sees; the test rows stay whole (evaluation samples
-    them itself, see evaluate.limit), so a smoke-sized run is still scored on the real test set.
+    That sample is what the teacher sees (kept traces of validation perturbations give training
+    its validation loss); the test rows stay whole (evaluation samples them itself, see
+    evaluate.limit), so a smoke-sized run is still scored on the real test set.
     """
-    pairs = apply_split(load_pairs(data_cfg.cell_lines, data_cfg.data_dir), data_cfg.split)
-    is_train = (pairs["split"] == "train").to_numpy()
+    pairs = load_split(data_cfg)
+    is_train = pairs["split"].isin(["train", "validation"]).to_numpy()
     train = subsample(pairs[is_train], data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
     out = pd.concat([train, pairs[~is_train]]).sort_index(kind="stable").reset_index(drop=True)
     out.attrs["split"] = data_cfg.split
@@ -226,14 +271,14 @@ def build_split(data_cfg: DataConfig) -> pd.DataFrame:
 
 
 def leakage_report(pairs: pd.DataFrame) -> dict:
-    """How much of the test set was seen in training (in any loaded cell line).
+    """How much of the test set was seen in training or validation (in any loaded cell line).
 
     Counts are per cell line of the test rows: test perturbations (unique per line) that occur as a
     training perturbation anywhere, and test (pert, gene) pairs that occur as a training pair
     anywhere; `pair_label_agreement` is the share of (test row, training row of the same pair)
     matches whose labels agree — what a lookup of the same pair elsewhere would get right.
     """
-    train = pairs[pairs["split"] == "train"]
+    train = pairs[pairs["split"] != "test"]
     test = pairs[pairs["split"] == "test"]
     train_perts = set(train["pert"].unique())
     train_pair_labels = train[["pert", "gene", "label"]].rename(columns={"label": "train_label"})

@@ -20,12 +20,15 @@ ROLES = ("system", "user", "assistant")
 
 
 def build_messages(row: Mapping[str, Any], mode: str) -> list[dict[str, str]]:
-    """The chat to train on: the trace as is (cot), or the raw prompt + `<answer>label</answer>`."""
+    """The chat to train on: the trace as is (cot), or the same student turns (context included)
+    answered with `<answer>label</answer>` only (raw): both students see identical user turns."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
     if mode == "cot":
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
-    from synthpert.prompts import format_answer, student_messages
+        return messages
+    from synthpert.prompts import format_answer
 
-    return [*student_messages(row, context=None, mode="raw"), {"role": "assistant", "content": format_answer(row["label"])}]
+    prompt = messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+    return [*prompt, {"role": "assistant", "content": format_answer(row["label"])}]
 
 
 def check_messages(messages: Any, where: str) -> None:
@@ -67,7 +70,7 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
     return text, spans
 
 
-def tokenize_chat(tokenizer, messages, max_seq_len: int, mask_prompt: bool = True) -> tuple[list[int], list[int]] | None:
+def tokenize_chat(tokenizer, messages, max_seq_len: int, loss_on: str = "assistant") -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) truncated to max_seq_len, or None when no assistant token survives."""
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -78,7 +81,7 @@ def tokenize_chat(tokenizer, messages, max_seq_len: int, mask_prompt: bool = Tru
         in_answer |= (starts >= lo) & (starts < hi)
     if not in_answer.any():
         return None
-    labels = ids if not mask_prompt else np.where(in_answer, ids, IGNORE).tolist()
+    labels = ids if loss_on == "all" else np.where(in_answer, ids, IGNORE).tolist()
     return list(ids), list(labels)
 
 
@@ -98,7 +101,7 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[list
     return bins
 
 
-def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, mask_prompt: bool, packing: bool) -> pd.DataFrame:
+def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, loss_on: str, packing: bool) -> pd.DataFrame:
     """Rows of a traces table -> training rows: input_ids, labels, segments (lengths), examples.
 
     Examples with no assistant token left after truncation are dropped; `examples` counts the
@@ -106,7 +109,7 @@ def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, 
     """
     examples = []
     for row in frame.to_dict("records"):
-        tokens = tokenize_chat(tokenizer, build_messages(row, mode), max_seq_len, mask_prompt)
+        tokens = tokenize_chat(tokenizer, build_messages(row, mode), max_seq_len, loss_on)
         if tokens is not None:
             examples.append(tokens)
     groups = pack(examples, max_seq_len) if packing else [[i] for i in range(len(examples))]

@@ -8,7 +8,6 @@ raises SynthPertError before any training worker starts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -22,6 +21,7 @@ from synthpert import tracking
 from synthpert.artifacts import read_manifest, write_manifest
 from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, TrainConfig
+from synthpert.data.perturbqa import is_validation
 from synthpert.errors import SynthPertError
 from synthpert.models import resolve_model
 from synthpert.train.collate import check_messages, tokenize_frame
@@ -30,7 +30,8 @@ from synthpert.train.trainer import PROBE_FILE, STATE_FILE, train_loop_per_worke
 from synthpert.train.zero import deepspeed_config
 
 SFT_FILE = "sft.parquet"
-REQUIRED = {"cot": ("cell_line", "pert", "gene", "label", "messages"), "raw": ("cell_line", "pert", "gene", "label")}
+# raw training needs the messages too: its user turns are the cot student's, context included
+REQUIRED = dict.fromkeys(("cot", "raw"), ("cell_line", "pert", "gene", "label", "messages"))
 RUN_NAME = "train"  # Ray Train run name under OUTPUT/ray: the same name is what --resume finds
 PROBE_TEXT = "Knocking down a gene with CRISPRi can change the expression of other genes."
 
@@ -49,20 +50,21 @@ def check_traces(data_dir: str | Path, mode: str) -> Path:
     table = pq.read_table(path, columns=list(REQUIRED[mode]))
     if table.num_rows == 0:
         raise SynthPertError(f"{path} has no rows: nothing to train on")
-    if mode == "cot":
-        for i, messages in enumerate(table.column("messages").to_pylist()):
-            check_messages(messages, f"{path} row {i}")
-    else:
+    for i, messages in enumerate(table.column("messages").to_pylist()):
+        check_messages(messages, f"{path} row {i}")
+    if mode == "raw":
         for i, label in enumerate(table.column("label").to_pylist()):
             if label not in LABELS:
                 raise SynthPertError(f"{path} row {i}: label {label!r} is not one of {list(LABELS)}")
     return path
 
 
-def held_out(row: dict, fraction: float) -> bool:
-    """Deterministic validation membership of a (cell line, perturbation, gene) tuple."""
-    key = f"{row['cell_line']}|{row['pert']}|{row['gene']}".encode()
-    return int(hashlib.sha256(key).hexdigest()[:8], 16) / 2**32 < fraction
+def held_out(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """Validation rows: the traces' own split where they carry one, else the data split's seeded
+    perturbation hash (the same perturbations `data.validation_fraction` holds out)."""
+    if "split" in frame.columns:
+        return frame["split"] == "validation"
+    return pd.Series([is_validation(c, p, fraction, seed) for c, p in zip(frame["cell_line"], frame["pert"])], index=frame.index)
 
 
 @lru_cache(maxsize=2)
@@ -72,30 +74,33 @@ def _tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _tokenize_batch(frame: pd.DataFrame, model_dir: str, cfg: dict) -> pd.DataFrame:
+def _tokenize_batch(frame: pd.DataFrame, model_dir: str, cfg: dict, validation: tuple[float, int]) -> pd.DataFrame:
     """Ray Data map: source rows -> training rows tagged train/validation (packed per split)."""
     tc = TrainConfig.model_validate(cfg)
-    validation = frame.apply(lambda row: held_out(row, tc.validation_fraction), axis=1).astype(bool)
+    held = held_out(frame, *validation).to_numpy(dtype=bool)
     parts = []
-    for split, part in (("train", frame[~validation]), ("validation", frame[validation])):
-        rows = tokenize_frame(part, _tokenizer(model_dir), tc.mode, tc.max_seq_len, tc.mask_prompt, tc.packing)
+    for split, part in (("train", frame[~held]), ("validation", frame[held])):
+        rows = tokenize_frame(part, _tokenizer(model_dir), tc.mode, tc.max_seq_len, tc.loss_on, tc.packing)
         parts.append(rows.assign(split=split))
     return pd.concat(parts, ignore_index=True)
 
 
-def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, Any, dict[str, int]]:
-    """Materialised Ray Datasets (train shuffled once; validation) and their row/example counts."""
+def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tuple[float, int] = (0.0, 0)) -> tuple[Any, Any, dict[str, int]]:
+    """Materialised Ray Datasets (train shuffled once; validation) and their row/example counts.
+    `validation`: (data.validation_fraction, data.seed), for traces without a split column."""
+    import pyarrow.parquet as pq
     import ray.data
 
     context = ray.data.DataContext.get_current()  # travels with the datasets into the workers
     context.enable_progress_bars = False  # a few small datasets: bars only bury the training log
     context.print_on_execution_start = False
-    source = ray.data.read_parquet(str(sft), columns=list(REQUIRED[tc.mode]))
+    columns = [*REQUIRED[tc.mode], *(["split"] if "split" in pq.read_schema(sft).names else [])]
+    source = ray.data.read_parquet(str(sft), columns=columns)
     tokenized = source.map_batches(
         _tokenize_batch,
         batch_format="pandas",
         batch_size=256,
-        fn_kwargs={"model_dir": str(model_dir), "cfg": tc.model_dump(mode="json")},
+        fn_kwargs={"model_dir": str(model_dir), "cfg": tc.model_dump(mode="json"), "validation": validation},
     ).materialize()
     train = tokenized.filter(expr="split == 'train'").random_shuffle(seed=tc.seed).materialize()
     validation = tokenized.filter(expr="split == 'validation'").materialize()
@@ -106,7 +111,7 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig) -> tuple[Any, An
     if counts["train_rows"] == 0:
         raise SynthPertError(
             f"no training example left from {sft}: every row was held out or lost all assistant tokens "
-            f"to truncation (max_seq_len={tc.max_seq_len}, validation_fraction={tc.validation_fraction})"
+            f"to truncation (max_seq_len={tc.max_seq_len}, data.validation_fraction={validation[0]})"
         )
     return train, validation, counts
 
@@ -183,7 +188,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
 
     with ray_session(tc.num_workers * tc.cpus_per_worker):
-        train_ds, val_ds, counts = build_datasets(sft, model_dir, tc)
+        train_ds, val_ds, counts = build_datasets(sft, model_dir, tc, (cfg.data.validation_fraction, cfg.data.seed))
         steps = make_plan(tc, counts)
         plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id}
         tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
@@ -230,9 +235,9 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 registered = tracking.log_adapter_model(
                     adapter,
                     base_model=str(model_dir) if tc.base_model else "embedded",  # "embedded" resolves anywhere
-                    registered_model_name=tc.registered_model_name,
-                    alias=tc.mode if tc.registered_model_name else None,
-                    tags={"synthpert.train_run_id": run_id, "synthpert.mode": tc.mode, **tags},
+                    registered_model_name=tracking.registered_name(cfg),
+                    alias=tc.mode if tracking.registered_name(cfg) else None,
+                    tags={"synthpert.train_run_id": run_id, "synthpert.mode": tc.mode, "synthpert.split": cfg.data.split, **tags},
                 )
                 summary["model_uri"] = registered.get("uri", registered["model_uri"])
                 summary["model_version"] = registered.get("version")
