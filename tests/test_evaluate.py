@@ -89,6 +89,20 @@ def test_metrics_on_a_hand_made_case():
     assert result["per_cell_line"]["k562"]["coverage"] == 1.0
 
 
+def test_a_separate_direction_question_scores_the_direction():
+    """evaluate.direction = separate: p_dir_up, where given, is the direction score."""
+    hand = _hand_predictions()
+    # g1's DE pairs: p1 (up) and p3 (down). Derived scores rank them right (AUROC 1); the
+    # separate question ranks them the other way round; an empty p_dir_up falls back to derived.
+    flipped = hand.assign(p_dir_up=[0.1, None, 0.9, None, None, None, None, None, None])
+    assert evaluate(check_predictions(hand), _hand_truth(), bootstrap=0)["auroc_dir"] == pytest.approx(1.0)
+    result = evaluate(check_predictions(flipped), _hand_truth(), bootstrap=0)
+    assert result["auroc_dir"] == pytest.approx(0.0) and result["auroc_de"] == pytest.approx((0.875 + 0.5) / 2)
+    assert evaluate(check_predictions(hand.assign(p_dir_up=None)), _hand_truth(), bootstrap=0)["auroc_dir"] == pytest.approx(1.0)
+    with pytest.raises(SynthPertError, match="p_dir_up must be in"):
+        check_predictions(hand.assign(p_dir_up=1.5))
+
+
 def test_grouped_auroc_is_sklearn_per_group_with_ties_and_weights(truth):
     test = truth[(truth.split == "test") & (truth.cell_line == "hepg2")]
     genes = test.gene.to_numpy()
