@@ -224,7 +224,6 @@ def test_cli_resumes_after_kill_9_exactly_once_without_repaying_or_leaking_the_k
 
 
 def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, tmp_path, monkeypatch, embedded_model):
-    pytest.importorskip("synthpert.serving", reason="the Serve endpoint (issue 3) has not landed on this branch")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(
         None,
@@ -235,6 +234,7 @@ def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, t
             "data.cell_lines=[k562]",
             "data.knowledge.enabled=false",  # short prompts: the 135M model runs on 2 CPU cores here
             "generate.teacher.max_tokens=32",
+            "generate.judge.max_tokens=24",
             "generate.require_answer_match=false",
             "generate.keep=[excellent,good,average,bad,terrible]",
         ],
@@ -247,6 +247,8 @@ def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, t
     assert attempts["teacher_output"].str.len().gt(0).all()
     judged = attempts[attempts["judge_output"].notna()]
     assert judged["grade"].isin(judge.GRADES).all()  # guided choice: always exactly one grade
+    for output, grade in zip(judged["judge_output"], judged["grade"]):  # the critic: a critique, then the grade
+        assert output.startswith("Critique: ") and output.endswith(f"\nGrade: {grade}"), output
     assert len(sft) == summary["accepted"] == len(judged)
 
 
