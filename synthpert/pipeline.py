@@ -116,8 +116,9 @@ class Pipeline:
         from synthpert import predict
         from synthpert.generate import api_key
 
-        student = prompts.PromptSet.from_config(self.cfg.generate).versions["student"]
-        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompt=student) for name, spec in models.items()}
+        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
+        asked = [versions["student"], versions["student_direction"]]
+        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompts=asked) for name, spec in models.items()}
         if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
             return {name: self.stage(f"predict-{name}", keys[name], None) for name in models}
         tuples = predict.eval_tuples(self.cfg)
@@ -173,7 +174,7 @@ class Pipeline:
 
         return self.stage("evaluate", stage_key(self.cfg, ("data", "evaluate"), predictions=digests), run)
 
-    def register(self, student: dict, validation: dict, test: dict) -> dict:
+    def register(self, student: dict, validation: dict, test: dict, evaluation_key: str) -> dict:
         """Tag the student's model version with its validation and test scores; alias it champion
         if it beats the holder on VALIDATION (test scores are reported, never used to choose)."""
         name = tracking.registered_name(self.cfg)
@@ -186,7 +187,9 @@ class Pipeline:
             return tracking.promote_if_better(name, student["model_version"], official_score(validation), CHAMPION,
                                               tags={**tags, "synthpert.split": self.cfg.data.split})
 
-        return self.stage("register", stage_key(self.cfg, ("train", "tracking"), model=student.get("model_uri"), version=student.get("model_version")), run)
+        key = stage_key(self.cfg, ("train", "tracking"), model=student.get("model_uri"), version=student.get("model_version"),
+                        evaluation=evaluation_key)
+        return self.stage("register", key, run)
 
     def report(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
         from synthpert import report
@@ -245,7 +248,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         evaluation = pipeline.evaluate(predictions)
         pick = lambda models: {name: {k: m.get(k) for k in SCORES} for name, m in models.items()}  # noqa: E731
         scores, validation = pick(evaluation["models"]), pick(evaluation["validation"])
-        registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT])
+        registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT], evaluation["key"])
         report = pipeline.report(traces, trained, evaluation)
         tracking.set_tags({
             "synthpert.traces_dir": traces["dir"], "synthpert.traces_run_id": traces.get("run_id"),

@@ -115,8 +115,8 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
 
     client = _registry(cfg, "synthpert-student", 2)
     good_val, bad_val = {"auroc_de": 0.70, "auroc_dir": 0.70}, {"auroc_de": 0.60, "auroc_dir": 0.60}
-    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50})
-    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99})
+    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50}, real["key"])
+    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99}, real["key"])
     assert first["promoted"] and not second["promoted"]
     holder = client.get_model_version_by_alias("synthpert-student", "champion")
     assert str(holder.version) == "1" and holder.tags["synthpert.test.auroc_de"] == "0.5"
