@@ -86,7 +86,6 @@ def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: di
                     + (f"validation and test pairs: {cfg.evaluate.limit} of each per cell line, drawn as whole read-out genes (class shares are not "
                        "the test set's; the AUROCs rest on a few genes)." if cfg.evaluate.limit else "test pairs: all.")),
         ("Validation and test, side by side", _side_by_side(evaluation)),
-        ("All test pairs evaluated", (headers, _metric_rows(models))),
         ("How scores were made", scoring_note(cfg)),
         ("How to read this", NOTE),
     ]

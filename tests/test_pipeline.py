@@ -129,6 +129,7 @@ def test_hold_out_runs_register_under_their_own_name():
     assert tracking.registered_name(load_config("configs/paper_rpe1.yaml")) == "synthpert-student-holdout-rpe1"
 
 
+@pytest.mark.timeout(1500)
 def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_server, tmp_path):
     """configs/local.yaml, shrunk: submitted to a real Ray head, tracked on a real MLflow server."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -141,11 +142,11 @@ def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_ser
         "--set", f"run_dir={run_dir}", "--set", f"tracking.tracking_uri={mlflow_server}",
         "--set", "tracking.experiment=pipeline-test", "--set", "data.limit=4", "--set", "evaluate.limit=4",
         "--set", "train.max_steps=2", "--set", "evaluate.bootstrap=20",
-        "--set", "generate.teacher.max_tokens=48", "--set", "train.max_seq_len=768",
+        "--set", "generate.teacher.max_tokens=48", "--set", "generate.judge.max_tokens=16", "--set", "train.max_seq_len=768",
     ]  # fmt: skip
     client = JobSubmissionClient(ray_head)
     job = client.submit_job(entrypoint=f"python ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=ray_job_env())
-    status, logs = wait_job(client, job, timeout=900)
+    status, logs = wait_job(client, job, timeout=1200)
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     result = json.loads(logs.strip().splitlines()[-1])
     assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == []  # the predict stages end in any order
