@@ -183,6 +183,8 @@ class ServeConfig(Section):
     torch_threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
     max_batch_size: int = Field(16, ge=1)  # transformers: dynamic batching (1 = off)
+    # transformers: KV of finished generations kept for scoring requests that continue them (0 = off)
+    prefix_cache_mb: int = Field(1024, ge=0)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     max_model_len: int = Field(2048, ge=16)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: extra engine args (dtype, tensor_parallel_size, ...)

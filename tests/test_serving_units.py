@@ -149,3 +149,34 @@ def test_shared_prefix_loglikelihoods_equal_one_full_pass_per_choice(engine):
         return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
 
     assert engine.loglikelihoods(pairs, None) == pytest.approx([alone(*p) for p in pairs], abs=1e-3)
+
+
+def test_scoring_after_a_generation_reuses_its_kv_cache(engine):
+    """guided_choice after the model's own text (the teacher's answer, the judge's grade, a label
+    after the reasoning) prefills only the new tokens: same scores, with the cache hit."""
+    from collections import OrderedDict
+
+    from synthpert.serving.hf_engine import Decoding, Job, continuation_pairs
+
+    prompt = _ids(engine, "Explain in one sentence why the sky is blue.")
+    job = Job(prompt, Sampling(max_tokens=24, temperature=0))
+    decoding, generated = Decoding(engine), ""
+    results = decoding.admit([job], "g")
+    while results:
+        generated += "".join(d.text for _, _, d in results)
+        results = decoding.step()
+    text = engine.tokenizer.decode(prompt) + generated + "\nSo the answer is"
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    pairs = continuation_pairs(engine.tokenizer, text, ids, [" yes", " no", " scattering"])
+    hits = engine.prefix_cache.hits
+    cached = engine.loglikelihoods(pairs, None)
+    assert engine.prefix_cache.hits == hits + 1
+    saved, engine.prefix_cache.entries = engine.prefix_cache.entries, OrderedDict()
+    try:
+        full = engine.loglikelihoods(pairs, None)  # no cached prefix: the whole prompt runs
+    finally:
+        engine.prefix_cache.entries = saved
+    assert engine.prefix_cache.hits == hits + 1 and cached == pytest.approx(full, abs=1e-3)
+    engine.prefix_cache.drop("__base__")  # what unloading an adapter does to its entries
+    assert not engine.prefix_cache.entries and engine.prefix_cache.bytes == 0
+    assert engine.prefix_cache.longest("__base__", ids) == (0, None)

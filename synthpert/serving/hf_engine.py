@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,10 +63,61 @@ def _seed(seed: int | None, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
 
 
+class PrefixCache:
+    """KV caches of finished generations, by adapter and token ids, so that a scoring request
+    continuing one (guided_choice after the model's own text: the teacher's answer after its
+    reasoning, the judge's grade after its critique, a prediction's label after its reasoning)
+    prefills only its new tokens instead of the whole prompt again. An LRU bounded by bytes.
+    Written here because transformers has no cross-request prefix cache (vLLM has its own)."""
+
+    MIN_TOKENS = 16  # a shorter shared prefix is not worth a lookup
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[int, tuple[str, Any, list[tuple[Any, Any]], int]] = OrderedDict()
+        self._ids = itertools.count()
+        self.hits = 0
+
+    def put(self, adapter: str, ids: list[int], kv: list[tuple[Any, Any]]) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in kv)
+        if len(ids) < self.MIN_TOKENS or size > self.max_bytes:
+            return
+        import numpy as np
+
+        self.entries[next(self._ids)] = (adapter, np.asarray(ids), kv, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            self.bytes -= self.entries.popitem(last=False)[1][3]
+
+    def longest(self, adapter: str, ids: list[int]) -> tuple[int, list[tuple[Any, Any]] | None]:
+        """(n, kv): the longest cached prefix of `ids` for this adapter (n = 0: none usable)."""
+        import numpy as np
+
+        query, best, found = np.asarray(ids), (0, None), None
+        for key, (name, cached, kv, _) in self.entries.items():
+            if name != adapter:
+                continue
+            n = min(len(cached), len(query))
+            differ = np.flatnonzero(cached[:n] != query[:n])
+            n = int(differ[0]) if len(differ) else n
+            if n > best[0]:
+                best, found = (n, kv), key
+        if best[0] < self.MIN_TOKENS:
+            return 0, None
+        self.entries.move_to_end(found)
+        self.hits += 1
+        return best
+
+    def drop(self, adapter: str) -> None:
+        """Forget an adapter's entries (it was unloaded: a new one may come under its name)."""
+        for key in [k for k, entry in self.entries.items() if entry[0] == adapter]:
+            self.bytes -= self.entries.pop(key)[3]
+
+
 class HFEngine:
     """A causal LM plus LoRA adapters; thread-confined: call it from one worker thread only."""
 
-    def __init__(self, model_dir: Path, max_model_len: int, device: str | None = None):
+    def __init__(self, model_dir: Path, max_model_len: int, device: str | None = None, prefix_cache_bytes: int = 1 << 30):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,6 +132,7 @@ class HFEngine:
         self.eos_ids = {e for e in eos if e is not None}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.adapters: set[str] = set()
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
 
     # ---- adapters -------------------------------------------------------------------------
     def add_adapter(self, name: str, path: Path) -> None:
@@ -89,6 +141,7 @@ class HFEngine:
         if name in self.adapters:
             return
         PeftConfig.from_pretrained(str(path))  # a broken folder fails here, before the model is touched
+        self.prefix_cache.drop(name)
         if self.adapters:
             self.model.load_adapter(str(path), adapter_name=name)
         else:
@@ -100,6 +153,7 @@ class HFEngine:
         if name not in self.adapters:
             return
         self.adapters.discard(name)
+        self.prefix_cache.drop(name)
         if self.adapters:
             self.model.delete_adapter(name)
         else:  # the last one: back to the plain base model
@@ -110,6 +164,8 @@ class HFEngine:
         """Summed log-probability of each continuation after its context. The contexts' common
         prefix (for guided_choice: the whole prompt) runs once and its KV cache is shared by every
         choice: scoring k choices costs one prompt, not k (the judge's 5 grades: ~5x less)."""
+        from transformers import DynamicCache
+
         torch = self.torch
         seqs = [ctx + cont for ctx, cont in pairs]
         shared = min(min(len(ctx) for ctx, _ in pairs), _common_prefix(seqs))
@@ -124,9 +180,13 @@ class HFEngine:
             mask[i, shared + len(rest):] = 0
         positions = torch.arange(shared, shared + width).expand(len(seqs), -1)
         names = lambda n: {"adapter_names": [adapter or BASE] * n} if self.adapters else {}  # noqa: E731
+        # a finished generation's KV covers most of the prompt; the last prompt token always runs
+        reuse, kv = self.prefix_cache.longest(adapter or BASE, seqs[0][: shared - 1])
+        past = DynamicCache(ddp_cache_data=[(k[..., :reuse, :], v[..., :reuse, :]) for k, v in kv]) if reuse else None
         with torch.inference_mode():
-            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
-            head = self.model(input_ids=prefix, use_cache=True, **names(1))
+            prefix = torch.tensor([seqs[0][reuse:shared]], device=self.device)
+            head = self.model(input_ids=prefix, position_ids=torch.arange(reuse, shared, device=self.device)[None],
+                              past_key_values=past, use_cache=True, **names(1))
             head.past_key_values.batch_repeat_interleave(len(seqs))
             tail = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                               position_ids=positions.to(self.device), past_key_values=head.past_key_values,
@@ -189,6 +249,7 @@ class Decoding:
         position_ids = self.mask.sum(-1, keepdim=True) - 1
         out = self._forward(self.rows, self.next_ids, self.mask, self.cache, position_ids)
         results, tokens, keep = self._advance_all(self.rows, out.logits[:, -1, :])
+        self._remember([b for b, row in enumerate(self.rows) if row.finish not in (None, "abort")], out.past_key_values)
         self.cache, mask, tokens = self._select(out.past_key_values, self.mask, tokens, keep, len(self.rows))
         self.rows = [self.rows[b] for b in keep]
         self.mask = self._grow(mask)
@@ -199,6 +260,13 @@ class Decoding:
         self.rows, self.cache, self.mask, self.next_ids = [], None, None, None
 
     # ---- internals -------------------------------------------------------------------------
+    def _remember(self, finished: list[int], cache: Any) -> None:
+        """Keep finished rows' KV (their valid, right-aligned positions) in the prefix cache."""
+        for b in finished:
+            row, n = self.rows[b], int(self.mask[b].sum())
+            kv = [(layer.keys[b: b + 1, :, -n:].clone(), layer.values[b: b + 1, :, -n:].clone()) for layer in cache.layers]
+            self.engine.prefix_cache.put(row.adapter, (row.source.prompt_ids + row.ids)[:n], kv)
+
     def _forward(self, rows: list[_Row], ids: Any, mask: Any, cache: Any, position_ids: Any) -> Any:
         kwargs = {"adapter_names": [r.adapter for r in rows]} if self.engine.adapters else {}
         with self.engine.torch.inference_mode():
@@ -348,7 +416,7 @@ class HFServer:
 
             torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_replica)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
-        self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len)
+        self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len, prefix_cache_bytes=cfg.prefix_cache_mb << 20)
         self.decoding = Decoding(self.engine)
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
