@@ -108,6 +108,33 @@ for i in range(int(sys.argv[3])):
 """
 
 
+OPENER = """
+import sys, time
+from pathlib import Path
+from synthpert.llm.cache import CallCache
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.001)
+CallCache(sys.argv[1]).put(sys.argv[2], "m", {})
+"""
+
+
+def test_processes_opening_a_new_cache_at_the_same_instant_all_wait_their_turn(tmp_path):
+    """Ray actors start together: sqlite refuses a concurrent switch to WAL without waiting."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for round_ in range(6):
+        path, go = tmp_path / f"calls{round_}.sqlite", tmp_path / f"go{round_}"
+        ready = [tmp_path / f"ready{round_}-{i}" for i in range(8)]
+        procs = [subprocess.Popen([sys.executable, "-c", OPENER, str(path), str(r), str(go)], stderr=subprocess.PIPE, text=True, env=env) for r in ready]
+        deadline = time.monotonic() + 120
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()  # all eight open the same new file at once
+        errors = [p.communicate(timeout=120)[1] for p in procs if p.wait(timeout=120) != 0]
+        assert not errors, errors[0]
+        assert len(CallCache(path)) == 8
+
+
 def test_cache_is_durable_under_kill_9_and_concurrent_writers(tmp_path):
     path = tmp_path / "calls.sqlite"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -120,6 +147,7 @@ def test_cache_is_durable_under_kill_9_and_concurrent_writers(tmp_path):
             victim.send_signal(signal.SIGKILL)
             break
     victim.wait()
+    assert confirmed >= 200, "the victim never wrote"
     assert steady.wait(60) == 0
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

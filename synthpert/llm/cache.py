@@ -32,12 +32,26 @@ class CallCache:
         self._lock = threading.Lock()
         # isolation_level=None: autocommit, so each INSERT is its own committed transaction.
         self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enter_wal(busy_timeout_s)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
             "record TEXT NOT NULL, created REAL NOT NULL)"
         )
+
+    def _enter_wal(self, timeout_s: float) -> None:
+        """Switch to WAL, retrying by hand: when several processes open a new file at once,
+        sqlite answers the journal-mode switch with SQLITE_BUSY without calling the busy
+        handler, so the connection timeout alone does not make it wait."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def get(self, key: str) -> dict | None:
         with self._lock:
