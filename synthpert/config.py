@@ -151,7 +151,12 @@ class TrainConfig(Section):
     # "torch": torch AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam /
     # DeepSpeedCPUAdam (JIT-built with ninja on first use, the faster choice with optimizer offload)
     optimizer: Literal["torch", "deepspeed"] = "torch"
-    gradient_checkpointing: bool = False
+    # None: on when the pre-flight memory estimate says the micro-batch does not fit otherwise
+    # (always on GPU, where the estimate cannot see device memory)
+    gradient_checkpointing: bool | None = None
+    # Memory the training workers of one node may use together, in GB; None: what the node has free
+    # (Ray's figure, and on this node what is left below Ray's memory-monitor threshold)
+    memory_budget_gb: float | None = Field(None, gt=0)
     log_every_steps: int = 1
     seed: int = 0
     registered_model_name: str | None = "synthpert-student"

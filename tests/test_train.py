@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from synthpert.config import LABELS, load_config
 from synthpert.errors import SynthPertError
 from synthpert.train import train
 from synthpert.train.collate import IGNORE, build_messages, collate, pack, tokenize_chat, tokenize_frame
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 SFT_SCHEMA = pa.schema(
@@ -39,17 +37,19 @@ TINY = [
 ]
 
 
-def chat(i: int, label: str) -> list[dict]:
+def chat(i: int, label: str, repeat: int = 1) -> list[dict]:
+    """A short trace; `repeat` > 1 repeats its reasoning sentence (~7 tokens each) for long rows."""
     return [
         {"role": "system", "content": "Predict the effect of the knock-down."},
         {"role": "user", "content": f"Knock-down of P{i}; read-out G{i}?"},
-        {"role": "assistant", "content": f"<think>P{i} regulates G{i}.</think><answer>{label}</answer>"},
+        {"role": "assistant", "content": f"<think>{' '.join([f'P{i} regulates G{i}.'] * repeat)}</think><answer>{label}</answer>"},
     ]
 
 
-def write_traces(directory: Path, n: int = 16, run_id: str | None = "traces-run-1", drop: tuple[str, ...] = ()) -> Path:
+def write_traces(directory: Path, n: int = 16, run_id: str | None = "traces-run-1", drop: tuple[str, ...] = (),
+                 repeat: int = 1) -> Path:
     rows = [  # every 8th perturbation a validation one, as the traces stage marks them
-        {"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i % 3], "messages": chat(i, LABELS[i % 3]),
+        {"cell_line": "k562", "pert": f"P{i}", "gene": f"G{i}", "label": LABELS[i % 3], "messages": chat(i, LABELS[i % 3], repeat),
          "split": "validation" if i % 8 == 7 else "train"}
         for i in range(n)
     ]
@@ -242,6 +242,27 @@ def _our_train_workers() -> list[int]:
     return workers
 
 
+def kill_a_worker_after_first_checkpoint(output: Path, timeout: float) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs one of this test's Ray Train workers once the run in `output` has
+    its first checkpoint; the list gets the killed pid."""
+    snapshot = output / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    killed: list[int] = []
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not killed:
+            if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
+                workers = _our_train_workers()
+                if workers:
+                    os.kill(max(workers), signal.SIGKILL)
+                    killed.append(max(workers))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher, killed
+
+
 def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_path, embedded_model):
     """ZeRO-3 partitions every weight across the 2 workers. A worker killed after the first
     checkpoint is restarted by Ray Train (FailureConfig) from that ZeRO-3 checkpoint; the saved
@@ -251,21 +272,7 @@ def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_p
     sets = [f"--set={s}" for s in (*TINY, "train.checkpoint_every_steps=2", "train.max_failures=1", "tracking.enabled=false")]
     args = ["train", "--data", str(traces), "--mode", "cot", "--output", str(tmp_path / "run"), "--zero-stage", "3",
             "--num-workers", "2", "--max-steps", "4", "--json", *sets]
-    snapshot = tmp_path / "run" / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    killed: list[int] = []
-
-    def kill_a_worker_after_first_checkpoint():
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and not killed:
-            if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
-                workers = _our_train_workers()
-                if workers:
-                    os.kill(max(workers), signal.SIGKILL)
-                    killed.append(max(workers))
-            time.sleep(0.2)
-
-    watcher = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
-    watcher.start()
+    watcher, killed = kill_a_worker_after_first_checkpoint(tmp_path / "run", timeout=900)
     done = run_cli(*args, check=True, timeout=900)
     watcher.join(timeout=1)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -277,20 +284,10 @@ def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_p
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, snapshot: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) before its first checkpoint:\n{proc.stdout.read()}")
-        time.sleep(0.5)
-    raise AssertionError("no checkpoint within the timeout")
-
-
-def test_zero2_cli_killed_then_resumed_continues_and_registers(traces, tmp_path, embedded_model):
-    """Kill `synthpert train` after its first checkpoint; --resume continues the step counter and
-    the loss; the result is a PEFT adapter, logged to MLflow and registered with lineage tags."""
+def test_zero2_worker_killed_then_resumed_continues_and_registers(traces, tmp_path, embedded_model):
+    """No restarts left (max_failures=0): a worker killed after the first checkpoint ends the run
+    with exit 2 and one line (worker, cause, --resume, log); --resume continues the step counter
+    and the loss; the result is a PEFT adapter, logged to MLflow and registered with lineage tags."""
     import mlflow
 
     from synthpert import tracking
@@ -298,16 +295,15 @@ def test_zero2_cli_killed_then_resumed_continues_and_registers(traces, tmp_path,
     output, db = tmp_path / "run", tmp_path / "mlflow.db"
     args = ["train", "--data", str(traces), "--mode", "cot", "--output", str(output), "--zero-stage", "2",
             "--num-workers", "2", "--max-steps", "8", "--lora-r", "8", "--json"]
-    sets = [f"--set={s}" for s in (*TINY, "train.checkpoint_every_steps=2", f"tracking.tracking_uri=sqlite:///{db}")]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "synthpert", *args, *sets], cwd=REPO, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        _wait_for_checkpoint(first, output / "ray" / "train" / "checkpoint_manager_snapshot.json", timeout=900)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        first.wait()
+    sets = [f"--set={s}" for s in (*TINY, "train.checkpoint_every_steps=2", "train.max_failures=0",
+                                    f"tracking.tracking_uri=sqlite:///{db}")]
+    watcher, killed = kill_a_worker_after_first_checkpoint(output, timeout=900)
+    failed = run_cli(*args, *sets, timeout=900)
+    watcher.join(timeout=1)
+    assert killed and failed.returncode == 2, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training worker ") and f"(pid {killed[0]}" in last and "ActorDiedError" in last, last
+    assert last.endswith(f"checkpoints kept, continue with --resume; full log: {output / 'train_error.log'}")
     assert not (output / "adapter").exists()
 
     again = run_cli(*args, *sets)

@@ -102,7 +102,8 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[list
 
 
 def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, loss_on: str, packing: bool) -> pd.DataFrame:
-    """Rows of a traces table -> training rows: input_ids, labels, segments (lengths), examples.
+    """Rows of a traces table -> training rows: input_ids, labels, segments (lengths), examples,
+    length (tokens in the row).
 
     Examples with no assistant token left after truncation are dropped; `examples` counts the
     examples in each row so the caller can tell how many were kept.
@@ -113,12 +114,13 @@ def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, 
         if tokens is not None:
             examples.append(tokens)
     groups = pack(examples, max_seq_len) if packing else [[i] for i in range(len(examples))]
-    out = {"input_ids": [], "labels": [], "segments": [], "examples": []}
+    out = {"input_ids": [], "labels": [], "segments": [], "examples": [], "length": []}
     for group in groups:
         out["input_ids"].append([t for i in group for t in examples[i][0]])
         out["labels"].append([t for i in group for t in examples[i][1]])
         out["segments"].append([len(examples[i][0]) for i in group])
         out["examples"].append(len(group))
+        out["length"].append(len(out["input_ids"][-1]))
     return pd.DataFrame(out)
 
 

@@ -2,15 +2,20 @@
 the adapter, log to MLflow and register it.
 
 Everything that can be wrong with the input (no file, missing columns, no rows, bad messages, a
-base model path that is not a model, LoRA targets the model lacks, too few rows for the workers)
-raises SynthPertError before any training worker starts.
+base model path that is not a model, LoRA targets the model lacks, too few rows for the workers,
+too little memory for even micro-batch 1: memory.py) raises SynthPertError before any training
+worker starts; workers that fail anyway end the run with one line (`training_failed`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
+import sys
+import traceback
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from synthpert.data.perturbqa import is_validation
 from synthpert.errors import SynthPertError
 from synthpert.models import resolve_model
 from synthpert.train.collate import check_messages, tokenize_frame
+from synthpert.train.memory import GB, MemoryPlan, allocator_env, model_shape, plan_memory, worker_budget
 from synthpert.train.model import check_target_modules
 from synthpert.train.trainer import PROBE_FILE, STATE_FILE, train_loop_per_worker
 from synthpert.train.zero import deepspeed_config
@@ -108,6 +114,7 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tupl
     counts["train_examples"] = int(train.sum("examples") or 0) if counts["train_rows"] else 0
     counts["validation_examples"] = int(validation.sum("examples") or 0) if counts["validation_rows"] else 0
     counts["source_rows"] = source.count()
+    counts["longest_row"] = int(tokenized.max("length") or 0)  # tokens: what the memory plan sizes for
     if counts["train_rows"] == 0:
         raise SynthPertError(
             f"no training example left from {sft}: every row was held out or lost all assistant tokens "
@@ -168,9 +175,62 @@ def check_lora_b(adapter: Path) -> int:
     return sum(int(v.count_nonzero()) for v in lora_b.values())
 
 
-def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Fine-tune a LoRA adapter on the traces in `data_dir`; returns the summary (also in OUTPUT/manifest.json)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _oom(cause: Exception) -> bool:
+    """Whether Ray's memory monitor killed the worker (its report names the exit type)."""
+    import ray.exceptions
+
+    return isinstance(cause, ray.exceptions.OutOfMemoryError) or "OUT_OF_MEMORY" in str(cause)
+
+
+def _worker_failure(error: Exception) -> tuple[int | None, Exception]:
+    """The failed worker that explains a failed run: one killed by the memory monitor, else one
+    that died, else the lowest rank (the others usually fail only because a peer vanished). A
+    dead worker reaches Ray Train as a failed health check wrapping the ActorDiedError."""
+    import ray.exceptions
+
+    failures = getattr(error, "worker_failures", None) or {None: error}
+    failures = {rank: getattr(cause, "health_check_failure", cause) for rank, cause in failures.items()}
+
+    def order(item):
+        rank, cause = item
+        return (not _oom(cause), not isinstance(cause, ray.exceptions.ActorDiedError), rank or 0)
+
+    return min(failures.items(), key=order)
+
+
+def training_failed(error: Exception, output: Path, storage: str, memory: MemoryPlan) -> SynthPertError:
+    """One line for a run whose workers failed: which worker, why, the memory it held (from Ray's
+    memory-monitor report), what to lower, whether --resume can continue, where the full log is."""
+    log = output / "train_error.log"
+    output.mkdir(parents=True, exist_ok=True)
+    failures = getattr(error, "worker_failures", None) or {}
+    log.write_text("".join([*traceback.format_exception(error), *(
+        f"\n--- worker {rank}:\n{''.join(traceback.format_exception(cause))}" for rank, cause in sorted(failures.items())
+    )]))
+    rank, cause = _worker_failure(error)
+    text = str(cause).strip()
+    pid, ip = re.search(r"\bpid[:=] ?(\d+)", text), re.search(r"\bip: (\S+)", text)
+    who = f"training worker {rank}" + (f" (pid {pid[1]}{f' on {ip[1]}' if ip else ''})" if pid else "")
+    if _oom(cause):
+        held = re.search(r"actual memory used=([\d.]+) ?GB", text)
+        why = (
+            f"was killed by Ray's memory monitor (node out of memory; it held {held[1] + ' GB' if held else 'an unknown amount'}"
+            f"{f', estimated {memory.estimate / GB:.1f} GB' if memory.estimate else ''}): lower train.batch_size or "
+            "train.max_seq_len, set train.gradient_checkpointing=true or train.memory_budget_gb, or use fewer --num-workers"
+        )
+    else:
+        exit_type = re.search(r"Worker exit type: (\w+)", text)
+        detail = f"worker exit type {exit_type[1]}" if exit_type else (text.splitlines()[0] if text else "no message")
+        why = f"failed ({type(cause).__name__}: {detail})"
+    resume = "checkpoints kept, continue with --resume" if _has_run(storage) else "no checkpoint was written"
+    return SynthPertError(f"{who} {why}; {resume}; full log: {log}")
+
+
+def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = None, resume: bool = False,
+          *, _full_logits: bool = False) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter on the traces in `data_dir`; returns the summary (also in OUTPUT/manifest.json).
+    `_full_logits`: transformers' full-logits loss instead of the chunked one (bench/train.py's before/after only)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
@@ -178,6 +238,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
     sft = check_traces(data_dir, tc.mode)
     model_dir = resolve_model(tc.base_model)
     check_target_modules(model_dir, tc.target_modules)
+    shape = model_shape(model_dir, tc)
     storage = tc.storage_path or str(output / "ray")
     if _has_run(storage) and not resume:
         raise SynthPertError(f"{output} already holds a training run: pass --resume to continue it, or choose another --output")
@@ -189,13 +250,20 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
 
     with ray_session(tc.num_workers * tc.cpus_per_worker):
         train_ds, val_ds, counts = build_datasets(sft, model_dir, tc, (cfg.data.validation_fraction, cfg.data.seed))
+        budget = None if tc.use_gpu else worker_budget(tc)
+        memory = plan_memory(shape, tc, counts["longest_row"], budget, full_logits=_full_logits)
+        if memory.note:
+            print(memory.note, file=sys.stderr, flush=True)
+        tc = memory.apply(tc)
         steps = make_plan(tc, counts)
-        plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id}
+        plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id,
+                "shape": asdict(shape), "full_logits": _full_logits}
         tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
-        with tracking.stage_run(cfg, "train", sections=("train",), params={"plan": {**counts, **steps}}, tags=tags) as run_id:
+        params = {"plan": {**counts, **steps, "memory": memory.summary()}}
+        with tracking.stage_run(cfg, "train", sections=("train",), params=params, tags=tags) as run_id:
             if run_id:
                 plan["mlflow"] = {"tracking_uri": tracking.portable_uri(cfg.tracking.tracking_uri), "run_id": run_id}
-                tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu), "deepspeed_config.json")
+                tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu, shape), "deepspeed_config.json")
             datasets = {"train": train_ds, **({"validation": val_ds} if plan["validation_rows"] else {})}
             trainer = TorchTrainer(
                 train_loop_per_worker,
@@ -206,10 +274,14 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                     storage_path=storage,
                     checkpoint_config=CheckpointConfig(num_to_keep=tc.checkpoints_to_keep),
                     failure_config=FailureConfig(max_failures=tc.max_failures),
+                    worker_runtime_env={"env_vars": allocator_env(tc.use_gpu)},
                 ),
                 datasets=datasets,
             )
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as error:
+                raise training_failed(error, output, storage, memory) from None
             state = _export(result.checkpoint, output)
             adapter = output / "adapter"
             lora_b_nonzero = check_lora_b(adapter)
@@ -224,6 +296,8 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 "train_time_s": state["train_time_s"],
                 "tokens_per_cpu_s": state["tokens"] / state["cpu_time_s"] if state["cpu_time_s"] else 0.0,
                 "peak_memory_mb": state.get("peak_memory_mb"),
+                "peak_memory_mb_per_worker": state.get("peak_memory_mb_per_worker"),
+                "memory": memory.summary(),
                 "adapter_path": str(adapter),
                 "lora_b_nonzero": lora_b_nonzero,
                 "mlflow_run_id": run_id,

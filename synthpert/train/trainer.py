@@ -19,6 +19,8 @@ from typing import Any
 
 from synthpert.config import TrainConfig
 from synthpert.train.collate import IGNORE, collate
+from synthpert.train.loss import causal_lm_loss
+from synthpert.train.memory import ModelShape
 from synthpert.train.model import load_lora_model
 from synthpert.train.zero import deepspeed_config
 
@@ -111,7 +113,15 @@ def _probe_logits(engine, probe_ids: list[int], device):
     return logits
 
 
-def validation_loss(engine, shard, batch_size: int, pad_id: int, device) -> float | None:
+def batch_loss(engine, batch: dict, full_logits: bool = False):
+    """Mean loss over the batch's label tokens: chunked, never holding [batch, seq, vocab] logits
+    (loss.py), or transformers' full-logits loss (`full_logits`: the bench's before/after only)."""
+    if full_logits:
+        return engine(**batch).loss
+    return causal_lm_loss(engine, batch["input_ids"], batch["labels"], batch["position_ids"])
+
+
+def validation_loss(engine, shard, batch_size: int, pad_id: int, device, full_logits: bool = False) -> float | None:
     """Mean loss over every label token of the held-out shards of all ranks (None when empty)."""
     import torch
 
@@ -121,7 +131,7 @@ def validation_loss(engine, shard, batch_size: int, pad_id: int, device) -> floa
         for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_fn(pad_id)):
             batch.pop("num_tokens")
             labelled = float((batch["labels"][:, 1:] != IGNORE).sum())
-            total += float(engine(**batch).loss) * labelled
+            total += float(batch_loss(engine, batch, full_logits)) * labelled
             count += labelled
     engine.train()
     total, count = _all_reduce([total, count], device)
@@ -169,7 +179,7 @@ def build_engine(cfg: TrainConfig, plan: dict[str, Any], world: int, device):
     torch.manual_seed(cfg.seed)
     _skip_shm_comm_build()
     deepspeed.init_distributed()  # wraps the process group Ray Train set up (gloo on CPU, NCCL on GPU)
-    ds_config = deepspeed_config(cfg, world, on_gpu)
+    ds_config = deepspeed_config(cfg, world, on_gpu, ModelShape(**plan["shape"]))
     zero3_hint = None
     if cfg.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -219,7 +229,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation") if plan["validation_rows"] else None
     steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
-    pad_id = plan["pad_id"]
+    pad_id, full_logits = plan["pad_id"], plan["full_logits"]
 
     def metrics(extra: dict) -> dict:
         last = state["history"][-1] if state["history"] else {}
@@ -247,7 +257,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             if index < skip or index >= stop or state["step"] >= total_steps:
                 continue
             tokens += int(batch.pop("num_tokens"))
-            loss = engine(**batch).loss
+            loss = batch_loss(engine, batch, full_logits)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
@@ -277,13 +287,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             loss_sum, tokens, started, cpu_started = 0.0, 0, time.perf_counter(), time.process_time()
         epoch_done = state["step"] == (epoch + 1) * steps_per_epoch
         if epoch_done or state["step"] >= total_steps:
-            val = validation_loss(engine, val_shard, cfg.batch_size, pad_id, device) if val_shard else None
+            val = validation_loss(engine, val_shard, cfg.batch_size, pad_id, device, full_logits) if val_shard else None
             if val is not None:
                 state["validation"].append({"step": state["step"], "epoch": state["step"] / steps_per_epoch, "val_loss": val})
                 if logger:
                     logger.metrics({"val_loss": val}, step=state["step"])
             final = state["step"] >= total_steps
             if final:
-                (state["peak_memory_mb"],) = _all_reduce([_peak_memory_mb(device)], device, op="MAX")
+                peaks = [0.0] * world
+                peaks[rank] = _peak_memory_mb(device)
+                state["peak_memory_mb_per_worker"] = _all_reduce(peaks, device)  # every rank's, by rank
+                state["peak_memory_mb"] = max(state["peak_memory_mb_per_worker"])
             if final or not cfg.checkpoint_every_steps:
                 reporter.checkpoint(state, metrics({"val_loss": val}), final=final)

@@ -6,19 +6,30 @@ optional optimizer / parameter offload to CPU; accumulation and clipping handled
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from synthpert.config import TrainConfig
 
+if TYPE_CHECKING:
+    from synthpert.train.memory import ModelShape
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+DEFAULT_BUCKET = 50_000_000  # DeepSpeed's default bucket, in elements
+
+
+def bucket_size(shape: ModelShape) -> int:
+    """Gradient reduce / all-gather bucket in elements: only LoRA weights are reduced and gathered,
+    so a bucket larger than they are is memory (DeepSpeed allocates it whole) for nothing."""
+    return min(DEFAULT_BUCKET, shape.trainable)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, shape: ModelShape) -> dict[str, Any]:
     """A complete DeepSpeed config dict (no "auto" values: we own every number)."""
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
         "overlap_comm": on_gpu,  # overlapping needs a side stream; none on CPU
         "contiguous_gradients": True,
-        "reduce_bucket_size": 5e7,
-        "allgather_bucket_size": 5e7,
+        "reduce_bucket_size": bucket_size(shape),
+        "allgather_bucket_size": bucket_size(shape),
     }
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -27,6 +38,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
     if cfg.zero_stage == 3:
         # Gather the full 16-bit weights on save only through our own GatheredParameters call.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # Keep at most about one module's weights gathered beyond the one running (the default,
+        # 1e9 parameters, keeps a small model whole on every rank); prefetch it only on GPU.
+        zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = shape.largest_module
+        zero["stage3_prefetch_bucket_size"] = min(DEFAULT_BUCKET, shape.largest_module) if on_gpu else 0
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
