@@ -6,23 +6,33 @@ retrieval  PerturbQA's "Retrieval (No LLM)" in spirit: (P, G) is scored by the m
 kernel     ours: every training perturbation P' measured on G votes with weight
            exp((sim(P, P') - max sim(P, .)) / tau); tau is chosen per cell line and task by
            perturbation-grouped K-fold CV inside the training rows (no test label is read).
+twoside    the kernel smoothed on the read-out side too: G's votes are pooled with those of the
+           genes that respond to the same training perturbations (its `twoside_neighbours` most
+           similar by their sets of DE perturbations; for direction by their signed responses),
+           weighted lam x similarity; tau and lam chosen by the same grouped CV.
+ranker     gradient boosting over features of (P, G) (synthpert.ranker): kernel and two-sided
+           scores at several bandwidths, GO and genomic relations of P and G, G's training rates.
 transfer   for held-out cell lines: the same pair's labels in the other lines (their mean, so
            a hard answer is the majority vote), else the same perturbation's DE rate / up share
            there, else the gene's.
 
-Pools: retrieval and kernel use the cell line's own training rows, or, for a line with none
-(`holdout:<line>`), every training row of the other lines; transfer always uses the other lines'
-training rows. Output rows `cell_line, pert, gene, p_up, p_down, p_none` with p_up + p_down = the
-DE score and p_up / (p_up + p_down) = the direction score, as `synthpert.evaluate` reads them.
+Pools: retrieval, kernel, twoside and ranker use the cell line's own training rows, or, for a line
+with none (`holdout:<line>`), every training row of the other lines; transfer always uses the
+other lines' training rows. A prediction depends on the pool and its own (cell line, P, G) only,
+never on other query rows. Output rows `cell_line, pert, gene, p_up, p_down, p_none` with
+p_up + p_down = the DE score and p_up / (p_up + p_down) = the direction score, as
+`synthpert.evaluate` reads them.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from synthpert.config import CELL_LINES, Config, EvaluateConfig, KnowledgeConfig
@@ -30,67 +40,62 @@ from synthpert.data import Knowledge
 from synthpert.errors import SynthPertError
 from synthpert.evaluate import KEYS, check_predictions, load_truth, mean_auroc_per_gene, run_evaluation, write_predictions
 
-METHODS = ("retrieval", "kernel", "transfer")
-_ENTRIES = 2_000_000  # (pair, neighbour) entries per chunk: bounds memory
+METHODS = ("retrieval", "kernel", "twoside", "ranker", "transfer")
 
 
 @dataclass(frozen=True)
-class Pool:
-    """Labelled training rows counted per (G, P'), sorted by gene: row counts, DE-positive counts
-    (also the "measured" count for direction) and upregulated counts. Repeated pairs add up."""
+class Profiles:
+    """Training rows as sparse (perturbation x read-out gene) matrices of row counts, DE-positive
+    counts and upregulated counts (repeated pairs add up). A perturbation is measured on ~100 of
+    ~5-7k genes: sparse products smooth the pool over all perturbations at once."""
 
     perts: pd.Index
     genes: pd.Index
-    start: np.ndarray  # entries of gene i: start[i]:start[i + 1]
-    pert: np.ndarray  # pool perturbation of each entry
-    counts: np.ndarray  # (3, entries): rows, DE-positive rows, upregulated rows
+    counts: tuple[sp.csr_matrix, sp.csr_matrix, sp.csr_matrix]  # rows, DE-positive rows, upregulated rows
 
     @classmethod
-    def of(cls, rows: pd.DataFrame) -> Pool:
+    def of(cls, rows: pd.DataFrame) -> Profiles:
         p, perts = pd.factorize(rows["pert"].to_numpy(), sort=True)
         g, genes = pd.factorize(rows["gene"].to_numpy(), sort=True)
-        keys, entry = np.unique(g.astype(np.int64) * len(perts) + p, return_inverse=True)
         labels = [np.ones(len(rows)), rows["de"].to_numpy(), (rows["direction"] == "up").to_numpy()]
-        counts = np.stack([np.bincount(entry, weights=v.astype(float), minlength=len(keys)) for v in labels])
-        start = np.searchsorted(keys // len(perts), np.arange(len(genes) + 1))
-        return cls(pd.Index(perts), pd.Index(genes), start, keys % len(perts), counts)
+        shape = (len(perts), len(genes))
+        return cls(pd.Index(perts), pd.Index(genes), tuple(sp.csr_matrix((v.astype(float), (p, g)), shape=shape) for v in labels))
 
-    def gene_de_rate(self, genes) -> np.ndarray:
-        """Each gene's DE rate in the pool (the pool's overall rate for genes it never measured)."""
-        per_gene = np.add.reduceat(self.counts[:2], self.start[:-1], axis=1)
+    def gene_rates(self, genes) -> tuple[np.ndarray, np.ndarray]:
+        """Each gene's DE rate and up share among its DE rows (the pool's overall rates for genes it never measured)."""
+        per_gene = np.stack([np.asarray(c.sum(axis=0)).ravel() for c in self.counts])
+        overall = per_gene.sum(axis=1)
         col = self.genes.get_indexer(genes)
-        return np.where(col >= 0, per_gene[1, col] / per_gene[0, col], self.counts[1].sum() / self.counts[0].sum())
-
-
-class Neighbours:
-    """Each query pair's pool entries (the P' measured on its G), indexed once, re-weighted cheaply."""
-
-    def __init__(self, pool: Pool, query: pd.DataFrame):
-        self.pool = pool
-        self.row, self.perts = pd.factorize(query["pert"].to_numpy(), sort=True)  # pair -> query perturbation
-        self.genes = query["gene"].to_numpy()
-        col = pool.genes.get_indexer(self.genes)
-        self.known = np.flatnonzero(col >= 0)
-        self.first = pool.start[col[self.known]]
-        self.lengths = pool.start[col[self.known] + 1] - self.first
-
-    def means(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Weighted mean DE label and up share over each pair's entries; `weights` is
-        (self.perts, pool.perts). NaN where no weight fell on a measured (DE-positive) entry.
-        Works in chunks of `_ENTRIES` entries to bound memory."""
-        sums = np.zeros((3, len(self.row)))
-        ends = np.cumsum(self.lengths)
-        bounds = np.searchsorted(ends, np.arange(_ENTRIES, ends[-1] + _ENTRIES, _ENTRIES) if len(ends) else [], side="right")
-        for lo, hi in zip(np.r_[0, bounds[:-1]], bounds):
-            n = self.lengths[lo:hi]
-            owner = np.repeat(np.arange(hi - lo), n)
-            entry = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(self.first[lo:hi], n)
-            pairs = self.known[lo:hi]
-            w = weights[self.row[pairs][owner], self.pool.pert[entry]]
-            for i in range(3):
-                sums[i, pairs] = np.bincount(owner, weights=w * self.pool.counts[i, entry], minlength=hi - lo)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(sums[0] > 0, sums[1] / sums[0], np.nan), np.where(sums[1] > 0, sums[2] / sums[1], np.nan)
+            de = np.where(col >= 0, per_gene[1, col] / per_gene[0, col], overall[1] / overall[0])
+            up = np.where(col >= 0, per_gene[2, col] / per_gene[1, col], overall[2] / overall[1])
+        return de, np.nan_to_num(up, nan=overall[2] / max(overall[1], 1))
+
+    def smoothed(self, weights: np.ndarray) -> np.ndarray:
+        """(3, query perturbations, genes): the counts summed over pool perturbations with `weights` (query x pool)."""
+        return np.stack([(c.T @ weights.T).T for c in self.counts])
+
+
+class Queries:
+    """Query pairs located in a pool: their perturbation's row in a (query perturbations x genes)
+    matrix and their gene's column (-1: a gene the pool never measured)."""
+
+    def __init__(self, profiles: Profiles, query: pd.DataFrame):
+        self.row, self.perts = pd.factorize(query["pert"].to_numpy(), sort=True)
+        self.genes = query["gene"].to_numpy()
+        self.col = profiles.genes.get_indexer(self.genes)
+
+    def at(self, matrix: np.ndarray) -> np.ndarray:
+        """matrix[pair's perturbation, pair's gene] per pair; NaN for unmeasured genes."""
+        return np.where(self.col >= 0, matrix[self.row, self.col.clip(0)], np.nan)
+
+
+def ratios(sums: np.ndarray, q: Queries) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean DE label and up share per pair from `smoothed` sums; NaN where no weight fell
+    on a measured (DE-positive) entry."""
+    rows, de, up = (q.at(s) for s in sums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, de / rows, np.nan), np.where(de > 0, up / de, np.nan)
 
 
 def top_k_weights(sim: np.ndarray, k: int) -> np.ndarray:
@@ -105,56 +110,98 @@ def kernel_weights(sim: np.ndarray, tau: float) -> np.ndarray:
     return np.exp((sim - sim.max(axis=1, keepdims=True)) / tau)
 
 
-def retrieval_scores(nb: Neighbours, sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(DE score, direction score) per pair; `sim` is (nb.perts, pool.perts). Nothing found: not DE, 0.5."""
-    de, up = nb.means(top_k_weights(sim, k))
-    return np.nan_to_num(de, nan=0.0), np.nan_to_num(up, nan=0.5)
+def gene_neighbours(profiles: Profiles, k: int, signed: bool) -> sp.csr_matrix:
+    """(genes x genes) similarity of read-out genes by their training responses, each row keeping
+    its k most similar other genes (ties: the first in gene order): Jaccard of their sets of DE
+    perturbations, or (`signed`, for direction) cosine of their responses (+1 up, -1 down, 0 not
+    DE), negatives dropped."""
+    _, de, up = profiles.counts
+    responses = ((2 * up - de).sign() if signed else (de > 0).astype(float)).T.tocsr()
+    inter = (responses @ responses.T).tocoo()
+    size = np.asarray(abs(responses).sum(axis=1)).ravel()
+    i, j = inter.row, inter.col
+    sim = inter.data / (np.sqrt(size[i] * size[j]) if signed else size[i] + size[j] - inter.data)
+    keep = (i != j) & (sim > 0)
+    i, j, sim = i[keep], j[keep], sim[keep]
+    order = np.lexsort((j, -sim, i))
+    i, j, sim = i[order], j[order], sim[order]
+    rank = np.arange(len(i)) - np.searchsorted(i, i)
+    top = rank < k
+    return sp.csr_matrix((sim[top], (i[top], j[top])), shape=(len(size),) * 2)
 
 
-def kernel_scores(nb: Neighbours, sim: np.ndarray, tau_de: float, tau_dir: float) -> tuple[np.ndarray, np.ndarray]:
-    """(DE score, direction score) per pair; genes the pool never measured get its DE rate."""
-    de, up = nb.means(kernel_weights(sim, tau_de))
-    if tau_dir != tau_de:
-        _, up = nb.means(kernel_weights(sim, tau_dir))
-    unseen = np.isnan(de)
-    if unseen.any():
-        de[unseen] = nb.pool.gene_de_rate(nb.genes[unseen])
-    return de, np.nan_to_num(up, nan=0.5)
+def two_sided(sums: np.ndarray, neighbours: tuple[sp.csr_matrix, sp.csr_matrix], lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """`smoothed` sums pooled over read-out neighbours: G's own sums plus lam x similarity x each
+    neighbour's, with the DE neighbours for the row and DE counts, the signed ones for DE and up."""
+    if lam == 0:
+        return sums, sums
+    de_side, dir_side = ((sp.identity(n.shape[0], format="csr") + lam * n) for n in neighbours)
+    pool = lambda a, s: (a @ s.T).T  # noqa: E731  s[q, g] -> sum_g' a[g, g'] s[q, g']
+    return np.stack([pool(de_side, sums[0]), pool(de_side, sums[1]), sums[2]]), np.stack([sums[0], pool(dir_side, sums[1]), pool(dir_side, sums[2])])
 
 
-def choose_bandwidths(train: pd.DataFrame, knowledge: Knowledge, taus: list[float], folds: int, seed: int) -> dict:
-    """Kernel tau for DE and for direction by perturbation-grouped K-fold CV inside `train`.
+def side_scores(sums: np.ndarray, neighbours, lam: float, q: Queries) -> tuple[np.ndarray, np.ndarray]:
+    """(DE, direction) ratios per pair after `two_sided` smoothing (NaN where nothing was measured)."""
+    for_de, for_dir = two_sided(sums, neighbours, lam)
+    return ratios(for_de, q)[0], ratios(for_dir, q)[1]
 
-    Each fold's perturbations are scored from the other folds only, with the official metric
-    (mean per-gene AUROC); the tau with the best mean over folds wins, per task.
-    """
-    if not taus:
-        raise SynthPertError("evaluate.kernel_taus is empty: give at least one bandwidth")
-    fold_codes, perts = pd.factorize(train["pert"].to_numpy(), sort=True)
+
+def filled(de: np.ndarray, up: np.ndarray, profiles: Profiles, q: Queries) -> tuple[np.ndarray, np.ndarray]:
+    """Scores with gaps filled: the gene's pool DE rate (the pool's for unseen genes), direction 0.5."""
+    return np.where(np.isnan(de), profiles.gene_rates(q.genes)[0], de), np.nan_to_num(up, nan=0.5)
+
+
+def perturbation_folds(rows: pd.DataFrame, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold: perturbations dealt into `folds` seeded groups (all rows of P in one fold)."""
+    codes, perts = pd.factorize(rows["pert"].to_numpy(), sort=True)
     if folds < 2 or len(perts) < folds:
         raise SynthPertError(f"evaluate.cv_folds={folds} needs 2 <= folds <= {len(perts)} training perturbations")
-    fold = (np.random.default_rng(seed).permutation(len(perts)) % folds)[fold_codes]
-    perts = pd.Index(perts)
-    sim = knowledge.similarity_matrix(list(perts), list(perts))
-    gene = pd.factorize(train["gene"].to_numpy())[0]
-    is_de, is_up = train["de"].to_numpy() == 1, (train["direction"] == "up").to_numpy()
-    scores = np.zeros((2, len(taus), folds))
+    return (np.random.default_rng(seed).permutation(len(perts)) % folds)[codes]
+
+
+def fold_pools(train: pd.DataFrame, knowledge: Knowledge, folds: int, seed: int):
+    """(held-out mask, pool profiles, held-out queries, GO similarity held-out x pool) per fold."""
+    fold = perturbation_folds(train, folds, seed)
     for f in range(folds):
         held = fold == f
-        nb = Neighbours(Pool.of(train[~held]), train[held])
-        block = sim[np.ix_(perts.get_indexer(nb.perts), perts.get_indexer(nb.pool.perts))]
+        profiles = Profiles.of(train[~held])
+        q = Queries(profiles, train[held])
+        yield held, profiles, q, knowledge.similarity_matrix(list(q.perts), list(profiles.perts))
+
+
+def choose_bandwidths(train: pd.DataFrame, knowledge: Knowledge, cfg: EvaluateConfig, lams=(0.0,)) -> dict:
+    """Kernel tau (and read-out smoothing lam) for DE and for direction by perturbation-grouped
+    K-fold CV inside `train`: each fold's perturbations are scored from the other folds only (gene
+    neighbours too), with the official metric (mean per-gene AUROC); the best mean wins, per task."""
+    if not cfg.kernel_taus:
+        raise SynthPertError("evaluate.kernel_taus is empty: give at least one bandwidth")
+    grid = list(itertools.product(cfg.kernel_taus, lams))
+    gene = pd.factorize(train["gene"].to_numpy())[0]
+    is_de, is_up = train["de"].to_numpy() == 1, (train["direction"] == "up").to_numpy()
+    scores = np.zeros((2, len(grid), cfg.cv_folds))
+    for f, (held, profiles, q, sim) in enumerate(fold_pools(train, knowledge, cfg.cv_folds, cfg.seed)):
+        neighbours = tuple(gene_neighbours(profiles, cfg.twoside_neighbours, signed) for signed in (False, True)) if any(lams) else None
         d = is_de[held]
-        for t, tau in enumerate(taus):
-            de, up = kernel_scores(nb, block, tau, tau)
-            scores[0, t, f] = mean_auroc_per_gene(gene[held], is_de[held], de)
-            scores[1, t, f] = mean_auroc_per_gene(gene[held][d], is_up[held][d], up[d])
+        for tau in cfg.kernel_taus:
+            sums = profiles.smoothed(kernel_weights(sim, tau))
+            for lam in lams:
+                de, up = filled(*side_scores(sums, neighbours, lam, q), profiles, q)
+                t = grid.index((tau, lam))
+                scores[0, t, f] = mean_auroc_per_gene(gene[held], is_de[held], de)
+                scores[1, t, f] = mean_auroc_per_gene(gene[held][d], is_up[held][d], up[d])
     mean = scores.mean(axis=2)
-    return {
-        "tau_de": taus[int(np.argmax(mean[0]))],
-        "tau_dir": taus[int(np.argmax(mean[1]))],
-        "cv_auroc_de": dict(zip(map(str, taus), np.round(mean[0], 4).tolist())),
-        "cv_auroc_dir": dict(zip(map(str, taus), np.round(mean[1], 4).tolist())),
-    }
+    names = [str(tau) if len(lams) == 1 else f"{tau},{lam}" for tau, lam in grid]
+    (tau_de, lam_de), (tau_dir, lam_dir) = grid[int(np.argmax(mean[0]))], grid[int(np.argmax(mean[1]))]
+    chosen = {"tau_de": tau_de, "tau_dir": tau_dir, "cv_auroc_de": dict(zip(names, np.round(mean[0], 4).tolist())),
+              "cv_auroc_dir": dict(zip(names, np.round(mean[1], 4).tolist()))}
+    return chosen | ({"lam_de": lam_de, "lam_dir": lam_dir} if len(lams) > 1 else {})
+
+
+def kernel_scores(profiles: Profiles, q: Queries, sim: np.ndarray, chosen: dict, neighbours=None) -> tuple[np.ndarray, np.ndarray]:
+    """(DE, direction) per pair at the chosen bandwidths (and read-out smoothing, for twoside)."""
+    de = side_scores(profiles.smoothed(kernel_weights(sim, chosen["tau_de"])), neighbours, chosen.get("lam_de", 0), q)[0]
+    up = side_scores(profiles.smoothed(kernel_weights(sim, chosen["tau_dir"])), neighbours, chosen.get("lam_dir", 0), q)[1]
+    return filled(de, up, profiles, q)
 
 
 def transfer_scores(query: pd.DataFrame, train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -182,47 +229,65 @@ def _check_method(method: str) -> None:
         raise SynthPertError(f"unknown baseline method {method!r}; choose one of {list(METHODS)}")
 
 
-def run_baseline(
-    pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lines=None, knowledge: Knowledge | None = None, progress: bool = True, data_dir: str | Path | None = None
-) -> tuple[pd.DataFrame, dict]:
-    """Predictions of `method` for the test rows of `cell_lines` (None: every line with test rows).
+def _scores(method: str, pool_rows: pd.DataFrame, query: pd.DataFrame, cfg: EvaluateConfig, knowledge: Knowledge) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(DE score, direction score, what was used) of `method` for the `query` pairs of one cell line."""
+    if method == "transfer":
+        return *transfer_scores(query, pool_rows), {}
+    if method == "ranker":
+        from synthpert.ranker import ranker_scores  # LightGBM loads for the ranker only
 
-    `pairs` carries its split (`apply_split`). GO annotations: `knowledge`, else loaded from
-    `data_dir` keeping terms up to `cfg.go_max_genes` genes. Returns the predictions and, per cell
-    line, what was used (pool size, k or the CV-chosen bandwidths with their CV scores).
+        return ranker_scores(pool_rows, query, knowledge, cfg)
+    profiles = Profiles.of(pool_rows)
+    q = Queries(profiles, query)
+    sim = knowledge.similarity_matrix(list(q.perts), list(profiles.perts))
+    if method == "retrieval":
+        de, up = ratios(profiles.smoothed(top_k_weights(sim, cfg.retrieval_k)), q)
+        return np.nan_to_num(de, nan=0.0), np.nan_to_num(up, nan=0.5), {"k": cfg.retrieval_k}
+    twoside = method == "twoside"
+    chosen = choose_bandwidths(pool_rows, knowledge, cfg, cfg.twoside_lams if twoside else (0.0,))
+    neighbours = tuple(gene_neighbours(profiles, cfg.twoside_neighbours, signed) for signed in (False, True)) if twoside else None
+    return *kernel_scores(profiles, q, sim, chosen, neighbours), chosen
+
+
+def go_knowledge(cfg: EvaluateConfig, data_dir: str | Path | None = None) -> Knowledge:
+    """The GO annotations the baselines read: terms up to `cfg.go_max_genes` genes (None: all)."""
+    return Knowledge.load(data_dir, KnowledgeConfig(max_go_gene_count=cfg.go_max_genes or 10**9))
+
+
+def run_baseline(
+    pairs: pd.DataFrame, method: str, cfg: EvaluateConfig, cell_lines=None, knowledge: Knowledge | None = None, progress: bool = True,
+    data_dir: str | Path | None = None, query: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, dict]:
+    """Predictions of `method` for the `query` pairs (cell_line, pert, gene; None: the test rows of
+    `pairs`) of `cell_lines` (None: every line with query pairs).
+
+    `pairs` carries its split (`apply_split`); only its train rows are read. GO annotations:
+    `knowledge`, else `go_knowledge` from `data_dir`. Returns
+    the predictions and, per cell line, what was used (pool size, k or the CV-chosen bandwidths
+    with their CV scores, the ranker's rounds and feature importance).
     """
     _check_method(method)
-    test, train = pairs[pairs["split"] == "test"], pairs[pairs["split"] == "train"]
-    cells = [c for c in CELL_LINES if (test["cell_line"] == c).any() and (cell_lines is None or c in cell_lines)]
+    train = pairs[pairs["split"] == "train"]
+    query = pairs[pairs["split"] == "test"] if query is None else query
+    cells = [c for c in CELL_LINES if (query["cell_line"] == c).any() and (cell_lines is None or c in cell_lines)]
     if not cells:
         raise SynthPertError(f"no test pairs for cell line(s) {cell_lines} under split {pairs.attrs.get('split', 'perturbqa')!r}")
     load_go = method != "transfer" and knowledge is None
     frames, info = [], {}
     bar = tqdm(total=len(cells) + load_go, desc="GO annotations", unit="step", disable=not progress)
     if load_go:
-        knowledge = Knowledge.load(data_dir, KnowledgeConfig(max_go_gene_count=cfg.go_max_genes or 10**9))
+        knowledge = go_knowledge(cfg, data_dir)
         bar.update()
     for cell in cells:
         bar.set_description(f"baseline {method} {cell}")
-        query = test[test["cell_line"] == cell]
+        asked = query[query["cell_line"] == cell]
         own = train[train["cell_line"] == cell]
         pool_rows = train[train["cell_line"] != cell] if method == "transfer" or own.empty else own
         if pool_rows.empty:
             raise SynthPertError(f"baseline {method}: no training rows to learn {cell} from")
-        info[cell] = {"pool_rows": len(pool_rows), "pool": "other cell lines" if pool_rows is not own else "own training rows"}
-        if method == "transfer":
-            de, up = transfer_scores(query, pool_rows)
-        else:
-            nb = Neighbours(Pool.of(pool_rows), query)
-            sim = knowledge.similarity_matrix(list(nb.perts), list(nb.pool.perts))
-            if method == "retrieval":
-                de, up = retrieval_scores(nb, sim, cfg.retrieval_k)
-                info[cell]["k"] = cfg.retrieval_k
-            else:
-                chosen = choose_bandwidths(pool_rows, knowledge, cfg.kernel_taus, cfg.cv_folds, cfg.seed)
-                de, up = kernel_scores(nb, sim, chosen["tau_de"], chosen["tau_dir"])
-                info[cell].update(chosen)
-        frames.append(to_predictions(query, de, up))
+        de, up, used = _scores(method, pool_rows, asked, cfg, knowledge)
+        info[cell] = {"pool_rows": len(pool_rows), "pool": "other cell lines" if pool_rows is not own else "own training rows", **used}
+        frames.append(to_predictions(asked, de, up))
         bar.update()
     bar.close()
     return pd.concat(frames, ignore_index=True), info

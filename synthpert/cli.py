@@ -123,7 +123,8 @@ def evaluate_cmd(
 @app.command("baseline")
 def baseline_cmd(
     cell_line: str = typer.Option("all", "--cell-line", help="k562 | rpe1 | hepg2 | jurkat | all"),
-    method: str = typer.Option("retrieval", "--method", help="retrieval | kernel | transfer"),
+    method: str = typer.Option("retrieval", "--method", help="retrieval | kernel | twoside | ranker | transfer"),
+    importance: bool = typer.Option(False, "--importance", help="ranker: print which features carry the signal (gain share per cell line and task)."),
     split: Optional[str] = SplitOpt,
     output_dir: Optional[Path] = OutDirOpt,
     predictions_out: Optional[Path] = typer.Option(None, "--predictions-out", help="Also write the predictions here (.parquet or .csv)."),
@@ -136,8 +137,15 @@ def baseline_cmd(
     from synthpert.baselines import baseline_report
     from synthpert.data.perturbqa import check_cell_lines
 
+    if importance and method != "ranker":
+        raise SynthPertError("--importance needs --method ranker")
     cfg = _evaluate_config(config, set_, split, output_dir, bootstrap)
-    _print_result(baseline_report(cfg, method, None if cell_line == "all" else check_cell_lines([cell_line]), predictions_out), json_)
+    result = baseline_report(cfg, method, None if cell_line == "all" else check_cell_lines([cell_line]), predictions_out)
+    if importance:
+        from synthpert.ranker import importance_table
+
+        typer.echo(importance_table(result["baseline"]))
+    _print_result(result, json_)
 
 
 @app.command()

@@ -209,7 +209,10 @@ class EvaluateConfig(Section):
     go_max_genes: int | None = None  # GO terms annotated to more genes are ignored by the similarity (None: keep all)
     retrieval_k: int = 5  # retrieval: the k most GO-similar training perturbations
     kernel_taus: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.2])  # kernel bandwidths tried
-    cv_folds: int = 5  # perturbation-grouped folds inside the training set that pick the bandwidth
+    cv_folds: int = 5  # perturbation-grouped folds inside the training set that pick the bandwidth (and fit the ranker)
+    twoside_lams: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])  # read-out smoothing strengths tried (0: the kernel)
+    twoside_neighbours: int = Field(20, ge=1)  # read-out genes pooled with G (its most similar by training responses)
+    ranker_rounds: int = Field(1000, ge=1)  # boosting rounds at most; early stopping on the held-out fold picks fewer
 
 
 class TrackingConfig(Section):

@@ -203,19 +203,18 @@ class Pipeline:
 
 def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Non-LLM predictions for the tuples the LLMs were asked: always-"not DE", the GO baselines,
-    and, for a held-out cell line, the lookup of the same pair in the other lines. `truth` is an
-    evaluation view (its "test" rows are the part being scored); the baselines fit, and choose
-    their hyper-parameters by perturbation-grouped folds, on its train rows only."""
-    from synthpert.baselines import run_baseline
+    the learned ranker and, for a held-out cell line, the lookup of the same pair in the other
+    lines. `truth` is an evaluation view (its "test" rows are the part being scored); the
+    baselines fit, and choose their hyper-parameters by perturbation-grouped folds, on its train
+    rows only, and predict the asked tuples alone."""
+    from synthpert.baselines import go_knowledge, run_baseline
 
-    methods = ["retrieval", "kernel"] + (["transfer"] if cfg.data.split.startswith("holdout:") else [])
-    keys = ["cell_line", "pert", "gene"]
-    asked = asked[keys].astype(str)
+    knowledge = go_knowledge(cfg.evaluate, cfg.data.data_dir)  # read once for every method
+    methods = ["retrieval", "kernel", "twoside", "ranker"] + (["transfer"] if cfg.data.split.startswith("holdout:") else [])
+    asked = asked[["cell_line", "pert", "gene"]].astype(str).reset_index(drop=True)
     out = {"trivial": asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])}
     for method in methods:
-        frame, _ = run_baseline(truth, method, cfg.evaluate, cell_lines=sorted(set(asked["cell_line"])), progress=False,
-                                data_dir=cfg.data.data_dir)
-        out[method] = asked.merge(frame.astype({k: str for k in keys}), on=keys, how="left")
+        out[method], _ = run_baseline(truth, method, cfg.evaluate, knowledge=knowledge, progress=False, query=asked)
     return out
 
 

@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
-from synthpert.baselines import Neighbours, Pool, kernel_weights, run_baseline, to_predictions, top_k_weights
+from synthpert.baselines import Profiles, Queries, gene_neighbours, kernel_weights, ratios, run_baseline, side_scores, to_predictions, top_k_weights
+from synthpert.ranker import importance_table
 from synthpert.config import DataConfig, EvaluateConfig, KnowledgeConfig
-from synthpert.data import Knowledge
+from synthpert.data import Knowledge, apply_split
 from synthpert.evaluate import check_predictions, evaluate, load_truth, read_predictions
 from tests.conftest import run_cli
 
@@ -30,10 +32,10 @@ def knowledge():
     return Knowledge.load(cfg=KnowledgeConfig(max_go_gene_count=10**9))
 
 
-def _scramble_test_labels(pairs: pd.DataFrame) -> pd.DataFrame:
-    """The same pairs with the test rows' labels permuted among themselves (train rows untouched)."""
+def _scramble_test_labels(pairs: pd.DataFrame, part: str = "test") -> pd.DataFrame:
+    """The same pairs with the `part` rows' labels permuted among themselves (the others untouched)."""
     out = pairs.copy()
-    test = np.flatnonzero((out["split"] == "test").to_numpy())
+    test = np.flatnonzero((out["split"] == part).to_numpy())
     shuffled = np.random.default_rng(0).permutation(test)
     for column in ("de", "direction", "label"):
         values = out[column].to_numpy().copy()
@@ -48,10 +50,9 @@ def _frame(rows):
 
 
 def test_neighbour_means_on_a_hand_made_pool():
-    pool = Pool.of(_frame([("A", "g1", "up"), ("B", "g1", "none"), ("C", "g1", "down"), ("A", "g2", "none"), ("C", "g2", "up"), ("C", "g2", "up")]))
+    profiles = Profiles.of(_frame([("A", "g1", "up"), ("B", "g1", "none"), ("C", "g1", "down"), ("A", "g2", "none"), ("C", "g2", "up"), ("C", "g2", "up")]))
     query = _frame([("Q", "g1", "none"), ("Q", "g2", "none"), ("Q", "g3", "none")])
-    nb = Neighbours(pool, query)
-    de, up = nb.means(np.array([[1.0, 2.0, 0.5]]))  # weights of A, B, C
+    de, up = ratios(profiles.smoothed(np.array([[1.0, 2.0, 0.5]])), Queries(profiles, query))  # weights of A, B, C
     # g1: DE labels A 1, B 0, C 1 -> (1 + 0.5) / 3.5; up share over DE-positive A (up), C (down) -> 1 / 1.5
     # g2: A 0 (weight 1), C measured twice, both up (weight 0.5 each) -> 1 / 2; up share 1
     # g3: never measured -> NaN
@@ -93,6 +94,26 @@ def test_kernel_beats_summer_in_all_eight_cells_through_the_cli(tmp_path, truth)
     assert (tmp_path / "baseline-kernel-perturbqa" / "predictions.parquet").is_file()
 
 
+def test_read_out_neighbours_and_two_sided_smoothing_by_hand():
+    # DE sets: g1 {A, B}, g2 {A, B, C}, g3 {C}; g1 and g2 up under A and B, g3 down under C, g2 down under C
+    rows = [("A", "g1", "up"), ("B", "g1", "up"), ("A", "g2", "up"), ("B", "g2", "up"), ("C", "g2", "down"), ("C", "g3", "down"),
+            ("C", "g1", "none"), ("A", "g3", "none")]
+    profiles = Profiles.of(_frame(rows))
+    de_side = gene_neighbours(profiles, 1, signed=False).toarray()
+    # Jaccard: g1-g2 2/3, g2-g3 1/3, g1-g3 0; each gene keeps its single best neighbour
+    np.testing.assert_allclose(de_side, [[0, 2 / 3, 0], [2 / 3, 0, 0], [0, 1 / 3, 0]])
+    dir_side = gene_neighbours(profiles, 2, signed=True).toarray()
+    # signed responses g1 (+1, +1, 0), g2 (+1, +1, -1), g3 (0, 0, -1): cosines 2/sqrt(6), 1/sqrt(3), g1-g3 0 (dropped)
+    np.testing.assert_allclose(dir_side, [[0, 2 / 6**0.5, 0], [2 / 6**0.5, 0, 3**-0.5], [0, 3**-0.5, 0]])
+    q = Queries(profiles, _frame([("Q", "g1", "none"), ("Q", "g3", "none")]))
+    sums = profiles.smoothed(np.array([[0.0, 0.0, 1.0]]))  # Q votes with C only: g1 not DE, g2 down, g3 down
+    np.testing.assert_allclose(side_scores(sums, (sp.csr_matrix(de_side), sp.csr_matrix(dir_side)), 0, q)[0], [0, 1])
+    de, up = side_scores(sums, (sp.csr_matrix(de_side), sp.csr_matrix(dir_side)), 1.5, q)
+    # g1 pools g2's vote with weight 1.5 x 2/3 = 1: DE (0 + 1) / (1 + 1); g3 pools g2's: DE (1 + 0.5) / (1 + 0.5)
+    np.testing.assert_allclose(de, [0.5, 1.0])
+    np.testing.assert_allclose(up, [0.0, 0.0])  # every DE vote Q sees is down
+
+
 @pytest.mark.parametrize("method", ["retrieval", "kernel"])
 def test_no_test_label_is_read(truth, knowledge, method):
     """Scrambling the test rows' labels leaves every prediction unchanged (official split)."""
@@ -118,3 +139,65 @@ def test_cli_rejects_unknown_method_and_cell_line():
     assert proc.returncode == 2 and "unknown baseline method 'oracle'" in proc.stderr
     proc = run_cli("baseline", "--cell-line", "hela")
     assert proc.returncode == 2 and "hela" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small():
+    """HepG2 cut to 150 training and 40 test perturbations: the learned baselines in seconds."""
+    hepg2 = load_truth(DataConfig())
+    hepg2 = hepg2[hepg2["cell_line"] == "hepg2"]
+    keep = set()
+    for part, n in (("train", 150), ("test", 40)):
+        perts = np.sort(hepg2.loc[hepg2["split"] == part, "pert"].unique())
+        keep |= set(np.random.default_rng(0).choice(perts, n, replace=False))
+    out = hepg2[hepg2["pert"].isin(keep)].reset_index(drop=True)
+    out.attrs.update(hepg2.attrs)
+    return out
+
+
+SMALL = EvaluateConfig(kernel_taus=[0.05, 0.2], twoside_lams=[0.0, 1.0], cv_folds=3, ranker_rounds=40)
+
+
+@pytest.mark.parametrize("method", ["twoside", "ranker"])
+def test_learned_baselines_read_no_test_information(small, knowledge, method):
+    """Scrambling the test labels, or dropping every test row and asking for the test pairs
+    alone, leaves every prediction unchanged; scrambling training labels does change them."""
+    test = small[small["split"] == "test"]
+    a, info = run_baseline(small, method, SMALL, knowledge=knowledge, progress=False)
+    b, _ = run_baseline(_scramble_test_labels(small), method, SMALL, knowledge=knowledge, progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    c, _ = run_baseline(small[small["split"] == "train"], method, SMALL, knowledge=knowledge, progress=False, query=test[["cell_line", "pert", "gene"]])
+    pd.testing.assert_frame_equal(a, c)
+    d, _ = run_baseline(_scramble_test_labels(small, "train"), method, SMALL, knowledge=knowledge, progress=False)
+    assert not np.allclose(a[["p_up", "p_down"]], d[["p_up", "p_down"]])  # the check can fail: training labels matter
+    if method == "ranker":
+        assert {"de", "dir"} <= info["hepg2"].keys() and len(info["hepg2"]["de"]["rounds"]) == SMALL.cv_folds
+        shares = dict(info["hepg2"]["de"]["importance"])
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3) and {"kernel_de_0.05", "same_cytoband", "go_propagated_ic"} <= shares.keys()
+        assert importance_table(info).startswith("hepg2 de (grouped-CV AUROC ")
+    else:
+        assert info["hepg2"]["lam_de"] in SMALL.twoside_lams and set(info["hepg2"]["cv_auroc_de"]) == {"0.05,0.0", "0.05,1.0", "0.2,0.0", "0.2,1.0"}
+
+
+def test_learned_baselines_beat_the_kernel_on_a_small_pool(small, knowledge):
+    scores = {}
+    for method in ("kernel", "twoside", "ranker"):
+        preds, _ = run_baseline(small, method, SMALL, knowledge=knowledge, progress=False)
+        result = evaluate(check_predictions(preds), small, bootstrap=0)
+        scores[method] = (result["auroc_de"], result["auroc_dir"])
+    assert scores["twoside"][1] > scores["kernel"][1] and scores["ranker"][0] > scores["kernel"][0], scores
+
+
+def test_importance_needs_the_ranker():
+    proc = run_cli("baseline", "--method", "kernel", "--importance")
+    assert proc.returncode == 2 and "--importance needs --method ranker" in proc.stderr
+
+
+def test_learned_baselines_under_a_holdout_learn_from_the_other_lines(small, knowledge):
+    jurkat = load_truth(DataConfig())
+    jurkat = jurkat[(jurkat["cell_line"] == "jurkat") & jurkat["pert"].isin(small["pert"].unique()[:120])]
+    pairs = apply_split(pd.concat([small, jurkat], ignore_index=True).assign(split=lambda f: f["split"].astype(small["split"].dtype)), "holdout:hepg2")
+    for method in ("twoside", "ranker"):
+        preds, info = run_baseline(pairs, method, SMALL, knowledge=knowledge, progress=False)
+        assert info["hepg2"]["pool"] == "other cell lines" and info["hepg2"]["pool_rows"] == len(jurkat)
+        assert len(check_predictions(preds)) == len(small)

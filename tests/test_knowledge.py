@@ -114,3 +114,13 @@ def test_context_size_and_switch(knowledge, pairs):
     assert "Perturbed gene FOO1: no annotation found." in unknown and "MT-ND1 (official symbol ND1)" in unknown
     with pytest.raises(SynthPertError, match="unknown cell line"):
         knowledge.context("hela", "RPL7", "MYC")
+
+
+def test_locations_and_propagated_go_sets(knowledge):
+    where = knowledge.locations(["TP53", "MDM2", "NOT-A-GENE"])
+    assert where.loc[0, ["chromosome", "arm", "band", "cytoband"]].tolist() == ["17", "17p", "17p13", "17p13.1"]
+    assert where.loc[0, "position"] == -13.1 and where.loc[1, "position"] == 15.0 and where.loc[2].isna().all()
+    direct, propagated = knowledge.go_matrix(["TP53"]), knowledge.propagated_matrix(["TP53"])
+    assert propagated.sum() > direct.sum() > 0  # ancestors added
+    ic = knowledge.information_content
+    assert ic.shape == (propagated.shape[1],) and (ic >= 0).all() and ic[propagated.indices].min() < ic[propagated.indices].max()

@@ -4,14 +4,16 @@
 (PerturbQA symbols resolved directly, then through PerturbQA's own symbol -> Ensembl mapping,
 then through gene aliases, MT- genes included), GO term sets per gene with the over-broad terms
 (annotated to more than `max_go_gene_count` genes) and "no data" root annotations dropped, and
-GO Jaccard similarity (per pair of genes, or as a matrix via sparse products). `context()` renders a deterministic text block
-for one (cell line, P, G) tuple from these and from labelled TRAINING pairs only.
+GO Jaccard similarity (per pair of genes, or as a matrix via sparse products), GO sets propagated up
+the hierarchy and genomic locations (for the ranker's features). `context()` renders a deterministic
+text block for one (cell line, P, G) tuple from these and from labelled TRAINING pairs only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from synthpert.errors import SynthPertError
 from synthpert.prompts import CELL_DESCRIPTIONS
 
 ONTOLOGIES = ("BP", "MF", "CC")
+HIERARCHY = ("isa", "part of")  # go_parents edges a term's genes inherit upwards
+_CYTOBAND = re.compile(r"^(\d+|X|Y)([pq])(\d+)?(?:\.(\d+))?")  # 19q13.43: chromosome, arm, band, sub-band
 _STR = pa.string()
 
 
@@ -54,7 +58,9 @@ class _TrainIndex:
 class Knowledge:
     """Official names, filtered GO sets and GO similarity for gene symbols, plus prompt context."""
 
-    def __init__(self, info: dict[str, list[str]], ensembl_of: dict[str, str], go: dict[str, frozenset], terms: dict[str, tuple[str, str, int]], cfg: KnowledgeConfig):
+    def __init__(self, info: dict[str, list[str]], ensembl_of: dict[str, str], go: dict[str, frozenset], terms: dict[str, tuple[str, str, int]], cfg: KnowledgeConfig,
+                 data_dir: str | Path | None = None):
+        self.data_dir = data_dir  # the hierarchy (go_parents) is read from here on first use
         self._info, self._ensembl_of = info, ensembl_of  # gene_info columns; PerturbQA symbol -> Ensembl id
         self._names = dict(zip(reversed(info["symbol"]), reversed(info["gene_name"])))  # official -> name (first row wins)
         self._go = go  # official symbol -> frozenset of GO ids (filtered)
@@ -68,7 +74,7 @@ class Knowledge:
     def load(cls, data_dir: str | Path | None = None, cfg: KnowledgeConfig | None = None) -> Knowledge:
         """Read and index the vendored (or `data_dir`) gene and GO tables."""
         cfg = cfg or KnowledgeConfig()
-        info = _columns("gene_info.tsv.gz", ("entrez_id", "symbol", "gene_name", "gene_type", "ensembl_ids", "aliases"), data_dir)
+        info = _columns("gene_info.tsv.gz", ("entrez_id", "symbol", "gene_name", "gene_type", "ensembl_ids", "aliases", "chromosome", "cytogenetic_location"), data_dir)
         mapping_path = data_file("perturbqa", "k562_gw_mapping_full.json", data_dir)
         try:
             ensembl_of = json.loads(mapping_path.read_text())
@@ -86,7 +92,7 @@ class Knowledge:
         annotations = annotations.filter(pc.is_in(annotations["go_id"], value_set=term_table["go_id"]))
         per_gene = annotations.group_by("symbol").aggregate([("go_id", "distinct")])
         go = {s: frozenset(ids) for s, ids in zip(per_gene["symbol"].to_pylist(), per_gene["go_id_distinct"].to_pylist())}
-        return cls(info, ensembl_of, go, terms, cfg)
+        return cls(info, ensembl_of, go, terms, cfg, data_dir)
 
     # ------------------------------------------------------------------ lookups
     @functools.cached_property
@@ -134,6 +140,56 @@ class Knowledge:
         inter = (a @ b.T).toarray()
         union = np.asarray(a.sum(1)) + np.asarray(b.sum(1)).T - inter
         return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+    @functools.cached_property
+    def column_terms(self) -> pd.DataFrame:
+        """Per `go_matrix` column: its ontology (BP, MF, CC) and how many genes it is annotated to."""
+        ids = sorted(self._column, key=self._column.__getitem__)
+        return pd.DataFrame({"ontology": [self.terms[g][1] for g in ids], "genes": [self.terms[g][2] for g in ids]})
+
+    @functools.cached_property
+    def _propagation(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """(kept term x every GO term) reachability over `HIERARCHY` edges, self included, and each
+        term's information content -log(share of annotated genes carrying it after propagation)."""
+        edges = _table("go_parents.tsv.gz", ("child", "parent", "relationship_type"), self.data_dir)
+        edges = edges.filter(pc.is_in(edges["relationship_type"], value_set=pa.array(HIERARCHY)))
+        child, parent = edges["child"].to_pylist(), edges["parent"].to_pylist()
+        ids = pd.Index(sorted(set(self._column) | set(child) | set(parent)))
+        step = sp.csr_matrix((np.ones(len(child)), (ids.get_indexer(child), ids.get_indexer(parent))), shape=(len(ids),) * 2)
+        kept = ids.get_indexer(sorted(self._column, key=self._column.__getitem__))
+        reach = sp.csr_matrix((np.ones(len(kept)), (np.arange(len(kept)), kept)), shape=(len(kept), len(ids)))
+        while True:  # add parents until nothing new (the hierarchy is a DAG, ~15 levels deep)
+            grown = ((reach + reach @ step) > 0).astype(float)
+            if grown.nnz == reach.nnz:
+                break
+            reach = grown
+        genes = ((self.go_matrix(self._go) @ reach) > 0).astype(float)
+        share = np.asarray(genes.sum(axis=0)).ravel() / max(genes.shape[0], 1)
+        return reach.tocsr(), -np.log(np.where(share > 0, share, 1.0))
+
+    def propagated_matrix(self, symbols: Iterable[str]) -> sp.csr_matrix:
+        """`go_matrix` with every ancestor term of each annotation set (columns: all GO terms)."""
+        return ((self.go_matrix(symbols) @ self._propagation[0]) > 0).astype(float).tocsr()
+
+    @property
+    def information_content(self) -> np.ndarray:
+        """-log(share of annotated genes) per `propagated_matrix` column: specific terms weigh more."""
+        return self._propagation[1]
+
+    def locations(self, symbols: Iterable[str]) -> pd.DataFrame:
+        """Chromosome, arm (19q), band (19q13), cytoband (19q13.43) and a position along the
+        chromosome (p bands negative, q positive: 13.43 for q13.43) from gene_info; None/NaN where unknown."""
+        where = dict(zip(reversed(self._info["symbol"]), reversed(self._info["cytogenetic_location"])))
+        rows = []
+        for symbol in symbols:
+            match = _CYTOBAND.match((where.get(self.official(symbol) or "", "") or "").split(";")[0])
+            if match is None:
+                rows.append((None, None, None, None, np.nan))
+                continue
+            chrom, arm, band, sub = match.groups()
+            position = float(f"{band or 0}.{sub or 0}") * (-1 if arm == "p" else 1)
+            rows.append((chrom, chrom + arm, f"{chrom}{arm}{band or ''}", match.group(0), position))
+        return pd.DataFrame(rows, columns=["chromosome", "arm", "band", "cytoband", "position"])
 
     def top_terms(self, ids: Iterable[str], n: int) -> list[str]:
         """Up to n GO ids, most specific (fewest genes) first, alternating BP, MF, CC for variety."""
