@@ -264,10 +264,13 @@ def pending(cfg: Config) -> list[str]:
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is."""
+    """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is.
+    The pre-flight runs first: a missing key, model, GPU or folder stops it before anything starts."""
+    from synthpert import preflight
     from synthpert.cluster import ray_session
     from synthpert.serving.app import cluster_cpus
 
+    preflight.require(cfg)
     pipeline = Pipeline(cfg, progress)
     needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
     with ray_session(needs), tracking.pipeline_run(cfg) as parent_id:
