@@ -60,8 +60,11 @@ def test_wrong_key_is_a_401_before_any_call(tmp_path):
                 for k, v in (("base_url", "{url}"), ("model", "fake-teacher"), ("api_key_env", "FAKE_API_KEY"))]
     with FakeAPI(free_port(), api_key="right-key") as api:
         args = [a.format(url=api.base_url) for a in endpoint]
-        proc = run_cli("pipeline", "--config", str(LOCAL), *args, cwd=tmp_path, env=_env(FAKE_API_KEY="wrong-key"), timeout=60)
+        # a second, key-independent problem: should the key check ever pass wrongly, nothing starts anyway
+        proc = run_cli("pipeline", "--config", str(LOCAL), *args, "--set=train.base_model=/nonexistent/base",
+                       cwd=tmp_path, env=_env(FAKE_API_KEY="wrong-key"), timeout=60)
         assert proc.returncode == 2, proc.stderr
+        assert "train.base_model: /nonexistent/base does not exist" in proc.stderr
         for role in ("teacher", "judge"):
             assert f"generate.{role}: {api.base_url}: 401 Unauthorized" in proc.stderr, proc.stderr
         assert "wrong-key" not in proc.stdout + proc.stderr  # secrets are never printed
