@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
+from typing import Callable
 
 from synthpert.config import Config, EndpointConfig
 from synthpert.errors import SynthPertError
@@ -84,7 +85,7 @@ def require(cfg: Config) -> Report:
     return report
 
 
-def endpoint(subject: str, e: EndpointConfig, probe) -> Check:
+def endpoint(subject: str, e: EndpointConfig, probe: Callable[[str, str | None], tuple[list[str], str | None]]) -> Check:
     """Its key variable is set, the endpoint accepts the key and lists the configured model."""
     key_var = f"${e.api_key_env}" if e.api_key_env else "no key"
     if e.api_key_env and not e.api_key():
