@@ -6,6 +6,7 @@ line printed is one JSON object. Bad input exits 2 with a one-line reason on std
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -266,14 +267,29 @@ def train_cmd(
 
 
 @app.command()
-def pipeline(config: Optional[Path] = ConfigOpt, set_: list[str] = SetOpt, json_: bool = JsonOpt) -> None:
+def pipeline(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    check: bool = typer.Option(False, "--check", help="Only the pre-flight: keys, endpoints, model paths, GPUs, folders."),
+    json_: bool = JsonOpt,
+) -> None:
     """The whole SynthPert pipeline: traces -> train cot + raw -> predict -> evaluate -> register -> report.
 
     Finished stages (same config and inputs) are skipped, so a re-run resumes after a failure.
+    A pre-flight runs first: what the pending stages need is checked before anything starts.
     """
+    cfg = resolve(config, set_)
+    if check:
+        from synthpert import preflight
+
+        report = preflight.require(cfg)
+        typer.echo(report.text())
+        if json_:
+            emit_json(dataclasses.asdict(report))
+        return
     from synthpert.pipeline import run
 
-    result = run(resolve(config, set_))
+    result = run(cfg)
     typer.echo(f"ran {result['ran'] or 'nothing'}; skipped {result['skipped'] or 'nothing'}; report: {result['report']}", err=True)
     if json_:
         emit_json(result)

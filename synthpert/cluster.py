@@ -23,6 +23,14 @@ def code_env() -> dict[str, Any]:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def ray_address() -> str | None:
+    """The existing cluster that RAY_ADDRESS names (None: none, a private one would be started)."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):  # a job-API URL: we run inside that cluster
+        return "auto"
+    return address or None
+
+
 @contextlib.contextmanager
 def ray_session(num_cpus: float | None = None) -> Iterator[None]:
     """Use the connected Ray cluster, or RAY_ADDRESS, else start a private local one until exit.
@@ -35,9 +43,7 @@ def ray_session(num_cpus: float | None = None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address and address.startswith(("http://", "https://")):  # a job-API URL: we run inside that cluster
-        address = "auto"
+    address = ray_address()
     local = {} if address else {
         "num_cpus": max(os.cpu_count() or 1, num_cpus or 0),
         "object_store_memory": LOCAL_OBJECT_STORE,

@@ -40,9 +40,14 @@ def embedded_gguf() -> Path:
     return path
 
 
+def embedded_cached() -> Path:
+    """Where the embedded model's converted HF folder is (or will be once converted)."""
+    return cache_dir() / "models" / EMBEDDED_NAME
+
+
 def embedded_model_dir() -> Path:
     """A plain HF folder of the embedded model, converted from GGUF on first use (~20 s)."""
-    target = cache_dir() / "models" / EMBEDDED_NAME
+    target = embedded_cached()
     if (target / "config.json").is_file():
         return target
     from filelock import FileLock

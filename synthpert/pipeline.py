@@ -30,6 +30,7 @@ STAGE_FILE = "stage.json"
 STUDENT = "student-cot"  # the served names of the two adapters
 RAW = "student-raw"
 CHAMPION = "champion"
+MODES = ("cot", "raw")  # the two students: reasoning traces, and the raw label only
 SCORES = ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")
 
 
@@ -64,11 +65,12 @@ class Pipeline:
 
     def stage(self, name: str, key: str, fn: Callable[[Path], dict]) -> dict:
         """`fn(out_dir)` once per key; its JSON result is kept in `stage.json` for later runs."""
+        finished = self.result(name, key)
+        if finished is not None:
+            self.skipped.append(name)
+            return finished
         out = self.root / f"{name}-{key}"
         done = out / STAGE_FILE
-        if done.is_file():
-            self.skipped.append(name)
-            return json.loads(done.read_text())
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
         result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2)}
@@ -78,6 +80,26 @@ class Pipeline:
 
     def is_done(self, name: str, key: str) -> bool:
         return (self.root / f"{name}-{key}" / STAGE_FILE).is_file()
+
+    def result(self, name: str, key: str) -> dict | None:
+        """A finished stage's result, None when it has not run."""
+        return json.loads((self.root / f"{name}-{key}" / STAGE_FILE).read_text()) if self.is_done(name, key) else None
+
+    # ---- stage keys: what each stage depends on -----------------------------------------------
+    def traces_key(self) -> str:
+        # the prompts' versions (templates, rubric, principles, context text) are inputs: traces written
+        # with other wording are regenerated, never reused
+        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
+        return stage_key(self.cfg, ("data", "generate"), prompts=versions)
+
+    def train_key(self, traces: dict, mode: str) -> str:
+        validation = (self.cfg.data.validation_fraction, self.cfg.data.seed)
+        return stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"], validation=validation)
+
+    def predict_keys(self, models: dict[str, dict]) -> dict[str, str]:
+        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
+        asked = [versions["student"], versions["student_direction"]]
+        return {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompts=asked) for name, spec in models.items()}
 
     # ---- stages -----------------------------------------------------------------------------
     def traces(self) -> dict:
@@ -94,10 +116,7 @@ class Pipeline:
                 )
             return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary["run_id"]}
 
-        # the prompts' versions (templates, rubric, principles, context text) are inputs: traces written
-        # with other wording are regenerated, never reused
-        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
-        return self.stage("traces", stage_key(self.cfg, ("data", "generate"), prompts=versions), run)
+        return self.stage("traces", self.traces_key(), run)
 
     def train(self, traces: dict, mode: str) -> dict:
         from synthpert.train import train
@@ -107,18 +126,14 @@ class Pipeline:
             cfg.train.mode = mode  # registered under its own name (tracking.registered_name)
             return train(cfg, traces["dir"], output_dir=out, resume=True)  # a crashed attempt continues
 
-        validation = (self.cfg.data.validation_fraction, self.cfg.data.seed)
-        key = stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"], validation=validation)
-        return self.stage(f"train-{mode}", key, run)
+        return self.stage(f"train-{mode}", self.train_key(traces, mode), run)
 
     def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
         """Every model over the same test tuples; our endpoint is started only if some are missing."""
         from synthpert import predict
         from synthpert.generate import api_key
 
-        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
-        asked = [versions["student"], versions["student_direction"]]
-        keys = {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompts=asked) for name, spec in models.items()}
+        keys = self.predict_keys(models)
         if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
             return {name: self.stage(f"predict-{name}", keys[name], None) for name in models}
         tuples = predict.eval_tuples(self.cfg)
@@ -233,16 +248,34 @@ def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]
     return models
 
 
+def pending(cfg: Config) -> list[str]:
+    """The stages a run of this config would compute rather than skip, the prediction stages by
+    model (`predict-teacher`, ...): what the pre-flight must check. Evaluation, registration and
+    the report follow from them and call nothing outside."""
+    pipeline = Pipeline(cfg, progress=False)
+    traces = pipeline.result("traces", pipeline.traces_key())
+    trained = {mode: traces and pipeline.result(f"train-{mode}", pipeline.train_key(traces, mode)) for mode in MODES}
+    todo = ([] if traces else ["traces"]) + [f"train-{mode}" for mode, result in trained.items() if not result]
+    if todo:  # the students' keys are not known before they are trained: every prediction runs
+        unknown = {mode: {"adapter_path": None, "key": None} for mode in MODES}
+        return todo + [f"predict-{name}" for name in models_to_evaluate(cfg, unknown)]
+    keys = pipeline.predict_keys(models_to_evaluate(cfg, trained))
+    return [f"predict-{name}" for name, key in keys.items() if not pipeline.is_done(f"predict-{name}", key)]
+
+
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is."""
+    """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is.
+    The pre-flight runs first: a missing key, model, GPU or folder stops it before anything starts."""
+    from synthpert import preflight
     from synthpert.cluster import ray_session
     from synthpert.serving.app import cluster_cpus
 
+    preflight.require(cfg)
     pipeline = Pipeline(cfg, progress)
     needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
     with ray_session(needs), tracking.pipeline_run(cfg) as parent_id:
         traces = pipeline.traces()
-        trained = {mode: pipeline.train(traces, mode) for mode in ("cot", "raw")}
+        trained = {mode: pipeline.train(traces, mode) for mode in MODES}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))
         evaluation = pipeline.evaluate(predictions)
         pick = lambda models: {name: {k: m.get(k) for k in SCORES} for name, m in models.items()}  # noqa: E731

@@ -6,7 +6,8 @@ speaks the real wire format (the official `openai` client talks to it over HTTP)
 outputs at chosen rates. Which fault hits which request is a pure function of (seed, request
 content, attempt number), so a test can replay the server's decisions. It counts every request
 and every answered call per request content: the crash-resume test uses those counters to prove
-no finished call was made twice. Used by tests (in a thread) and bench/generate.py (in a
+no finished call was made twice. Given `api_key`, it answers any request without that bearer key
+with OpenAI's 401, and counts every request by path first (`paths`), refused ones too. Used by tests (in a thread) and bench/generate.py (in a
 subprocess: `python -m tests.fake_api --port P --latency L`).
 """
 
@@ -96,6 +97,8 @@ class FakeAPI:
     faults: Faults = field(default_factory=Faults)
     latency_s: float = 0.0
     host: str = "127.0.0.1"
+    api_key: str | None = None  # None: any key (or none) is accepted
+    paths: Counter = field(default_factory=Counter)
     requests: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
     answered: Counter = field(default_factory=Counter)
     authorization: set[str] = field(default_factory=set)
@@ -109,6 +112,14 @@ class FakeAPI:
 
     def answered_total(self) -> int:
         return sum(self.answered.values())
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        self.paths[request.path] += 1
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}
+            return web.json_response({"error": error}, status=401)
+        return await handler(request)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.in_flight += 1
@@ -174,7 +185,7 @@ class FakeAPI:
         return web.json_response({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 2**20)
+        app = web.Application(client_max_size=64 * 2**20, middlewares=[self._auth])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/stats", self._stats)

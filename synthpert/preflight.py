@@ -1,0 +1,208 @@
+"""Pre-flight: what a pipeline run needs from outside, checked before anything is created or called.
+
+A run that cannot finish should fail in seconds with the whole list, not after it has started a
+Ray cluster, made folders and an MLflow run and paid for calls. Only what the pending stages
+need is checked (a finished stage is skipped and needs nothing). The checks create nothing: no
+folder, no Ray session (an existing cluster is only read when RAY_ADDRESS names one), no MLflow
+run; a remote endpoint gets one `GET /models` with its key. Our own Serve endpoint, which the
+pipeline starts itself, is not called: only the model it would serve is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Callable
+
+from synthpert.config import Config, EndpointConfig
+from synthpert.errors import SynthPertError
+
+PROBE_TIMEOUT_S = 5.0  # a healthy endpoint lists its models in well under a second
+SHOWN_MODELS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One thing the run needs; `subject` is the config key it comes from."""
+
+    subject: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'FAIL'} {self.subject}: {self.detail}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """The stages a run would compute and every check their needs got."""
+
+    pending: list[str]
+    checks: list[Check]
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def text(self) -> str:
+        stages = ", ".join(self.pending) or "none (every stage is done)"
+        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks)])
+
+
+def run(cfg: Config) -> Report:
+    """Every check the pending stages need, failed or not (the caller decides what to do)."""
+    from synthpert.pipeline import pending
+
+    todo = pending(cfg)
+    g = cfg.generate
+    training = any(stage.startswith("train-") for stage in todo)
+    remote = {"generate.teacher": g.teacher} if "traces" in todo or "predict-teacher" in todo else {}
+    remote |= {"generate.judge": g.judge} if "traces" in todo else {}
+    # our own endpoint serves the students and the base model, and a teacher or judge without a URL
+    ours = any(s.startswith("predict-") and s != "predict-teacher" for s in todo) or any(e.base_url is None for e in remote.values())
+    probe = functools.cache(_listed_models)  # teacher and judge often share one endpoint and key
+    checks = [writable("run_dir", cfg.run_dir)]
+    checks += [endpoint(subject, e, probe) for subject, e in remote.items() if e.base_url is not None]
+    checks += [model_path("serve.model", cfg.serve.model)] if ours else []
+    if training:
+        checks += [model_path("train.base_model", cfg.train.base_model), *train_resources(cfg)]
+        if cfg.train.storage_path and "://" not in cfg.train.storage_path:
+            checks.append(writable("train.storage_path", Path(cfg.train.storage_path)))
+    if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
+        checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
+                                                  f"but would be served on {cfg.serve.model or 'embedded'}"))
+    return Report(todo, checks)
+
+
+def require(cfg: Config) -> Report:
+    """The pre-flight report; every failure at once, one line each, as one SynthPertError."""
+    report = run(cfg)
+    if report.failures:
+        lines = "\n".join(f"  {c.subject}: {c.detail}" for c in report.failures)
+        raise SynthPertError(f"pre-flight: {len(report.failures)} problem(s), nothing was started or created:\n{lines}")
+    return report
+
+
+def endpoint(subject: str, e: EndpointConfig, probe: Callable[[str, str | None], tuple[list[str], str | None]]) -> Check:
+    """Its key variable is set, the endpoint accepts the key and lists the configured model."""
+    key_var = f"${e.api_key_env}" if e.api_key_env else "no key"
+    if e.api_key_env and not e.api_key():
+        return Check(subject, False, f"{key_var} is not set (the key for {e.base_url})")
+    listed, error = probe(e.base_url.rstrip("/"), e.api_key())
+    if error:
+        return Check(subject, False, f"{e.base_url}: {error} (with {key_var})")
+    if e.model not in listed:
+        shown = ", ".join(listed[:SHOWN_MODELS]) + (", ..." if len(listed) > SHOWN_MODELS else "")
+        return Check(subject, False, f"{e.base_url} does not list model {e.model!r} (it has: {shown or 'none'})")
+    return Check(subject, True, f"{e.base_url} accepts {key_var} and lists {e.model}")
+
+
+def _listed_models(base_url: str, key: str | None) -> tuple[list[str], str | None]:
+    """`GET /models` once, no retries: the model ids, or why there are none (never the key)."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=key or "EMPTY", max_retries=0, timeout=PROBE_TIMEOUT_S)
+    try:
+        return [m.id for m in client.models.list()], None
+    except openai.AuthenticationError:
+        return [], "401 Unauthorized: the key is not accepted"
+    except openai.PermissionDeniedError:
+        return [], "403 Forbidden: the key may not list models"
+    except openai.APIStatusError as exc:
+        return [], f"GET /models answered {exc.status_code}"
+    except openai.APIConnectionError as exc:
+        return [], f"does not answer ({type(exc).__name__})"
+    finally:
+        client.close()
+
+
+def model_path(subject: str, value: str | None) -> Check:
+    """A local model folder that loads as a config (no weights); the embedded model is bundled."""
+    from synthpert.models import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_cached, embedded_gguf
+
+    if value in EMBEDDED_ALIASES:
+        if not (embedded_cached() / "config.json").is_file():
+            try:
+                embedded_gguf()  # converted on first use from the bundled file
+            except SynthPertError as exc:
+                return Check(subject, False, str(exc))
+        return Check(subject, True, f"the embedded {EMBEDDED_NAME}")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        return Check(subject, False, f"{path} {'is not a folder' if path.exists() else 'does not exist'}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # any reason it does not load is the user's to fix
+        return Check(subject, False, f"{path} does not load as a model config: {str(exc).splitlines()[0]}")
+    return Check(subject, True, f"{path} ({config.model_type})")
+
+
+def _model_id(value: str | None) -> str | None:
+    from synthpert.models import EMBEDDED_ALIASES
+
+    return None if value in EMBEDDED_ALIASES else str(Path(value).expanduser().absolute())
+
+
+def train_resources(cfg: Config) -> list[Check]:
+    """The training workers' GPUs and CPUs, from the cluster the pipeline will use: the connected
+    or RAY_ADDRESS one (read, not started), else this node, where a private cluster is started
+    with at least the CPUs asked for, so only its GPUs can be short."""
+    t = cfg.train
+    need = {"GPU": t.num_workers if t.use_gpu else 0, "CPU": t.num_workers * t.cpus_per_worker}
+    have, where = cluster_resources()
+    checks = []
+    for resource, count in need.items():
+        if count == 0 or resource not in have:
+            continue
+        per = f"train.num_workers={t.num_workers} x " + ("1 with train.use_gpu" if resource == "GPU" else f"{t.cpus_per_worker:g}")
+        ok = have[resource] >= count
+        checks.append(Check(f"train.{resource.lower()}s", ok, f"{count:g} {resource}s needed ({per}), {where} has {have[resource]:g}"))
+    return checks
+
+
+def cluster_resources() -> tuple[dict[str, float], str]:
+    """Resources of the cluster a run would use, and what that cluster is, without starting one."""
+    import ray
+
+    from synthpert.cluster import ray_address
+
+    if ray.is_initialized():
+        return ray.cluster_resources(), "the connected Ray cluster"
+    address = ray_address()
+    if address:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:
+            return ray.cluster_resources(), f"the Ray cluster at {address}"
+        finally:
+            ray.shutdown()
+    # what Ray itself would detect when starting a private cluster here (CUDA_VISIBLE_DEVICES, else NVML)
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    gpus = get_accelerator_manager_for_resource("GPU")
+    visible = gpus.get_current_process_visible_accelerator_ids()
+    return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node"
+
+
+def writable(subject: str, path: Path) -> Check:
+    """A folder the run can write into, checked without creating it: it is a writable folder, or
+    its nearest existing parent is. A relative path is created under the working directory as
+    needed; an absolute one names a prepared place (a shared file system, a mounted disk), so its
+    parent must exist: /mnt/shared/x on a node where /mnt/shared is not mounted would otherwise
+    land on that node's local disk."""
+    path = Path(path).expanduser()
+    absolute = path.absolute()
+    if absolute.exists():
+        if not absolute.is_dir():
+            return Check(subject, False, f"{absolute} is not a folder")
+        ok = os.access(absolute, os.W_OK | os.X_OK)
+        return Check(subject, ok, f"{absolute} {'is writable' if ok else 'is not writable'}")
+    if path.is_absolute() and not absolute.parent.is_dir():
+        top = next(p for p in reversed(absolute.parents) if not p.exists())
+        return Check(subject, False, f"{absolute} is missing and so is {top} (not mounted here? create it first)")
+    parent = next(p for p in absolute.parents if p.exists())
+    ok = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    return Check(subject, ok, f"{absolute} will be created in {parent}" if ok else f"{absolute} cannot be created: {parent} is not writable")
