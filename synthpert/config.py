@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -194,6 +194,14 @@ class ServeConfig(Section):
     max_model_len: int = Field(2048, ge=16)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # vllm: extra engine args (dtype, tensor_parallel_size, ...)
     api_key_env: str = "SYNTHPERT_API_KEY"  # the NAME of the env var; unset/empty = no auth
+
+    # What decides the endpoint's answers (weights, engine, precision, context), not how many replicas
+    # or how fast: an input of every stage that calls it, and part of every cached call's key.
+    ANSWERS: ClassVar[tuple[str, ...]] = ("engine", "model", "use_gpu", "max_model_len", "engine_kwargs")
+
+    def identity(self) -> dict[str, Any]:
+        """The embedded endpoint's identity, by dotted field."""
+        return {f"serve.{name}": getattr(self, name) for name in self.ANSWERS}
 
 
 class EvaluateConfig(Section):

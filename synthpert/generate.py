@@ -147,6 +147,11 @@ def api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
     return SecretStr(key) if key else None
 
 
+def endpoint_identity(endpoint: EndpointConfig, cfg: Config) -> Any:
+    """Who answers the endpoint's calls: its address, or for our own endpoint what it serves."""
+    return endpoint.base_url if endpoint.base_url is not None else cfg.serve.identity()
+
+
 def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> pd.DataFrame:
     """Teacher and judge actor pools on one streaming Ray Data pipeline; every row comes back once."""
     import ray.data
@@ -161,12 +166,12 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
-        base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), identity=endpoint_identity(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
         prompt_set=prompt_set,
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
-        base_url=urls["judge"], api_key=api_key(g.judge, cfg), cache_path=cache_path,
+        base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache_path=cache_path,
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
     )
     frames = []

@@ -25,7 +25,7 @@ from synthpert import prompts
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
-from synthpert.generate import ANSWER_OPEN
+from synthpert.generate import ANSWER_OPEN, endpoint_identity
 from synthpert.llm.actor import LLMActor, map_with_actors
 from synthpert.llm.client import CallResult
 from synthpert.llm.prefill import CONTINUE, continue_with
@@ -166,7 +166,7 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, PredictActor, endpoint, cfg.generate.actors, size, len(blocks),
-        base_url=base_url, api_key=api_key, cache_path=output / "calls.sqlite", mode=mode, score=score,
+        base_url=base_url, api_key=api_key, identity=endpoint_identity(endpoint, cfg), cache_path=output / "calls.sqlite", mode=mode, score=score,
         direction=cfg.evaluate.direction,
     )
     frame = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from synthpert.config import EndpointConfig
+from synthpert.config import EndpointConfig, ServeConfig
 from synthpert.llm.cache import CallCache
 from synthpert.llm.client import LLMClient
 from tests.conftest import REPO, free_port
@@ -78,6 +78,17 @@ def test_cache_answers_finished_calls_without_a_request(tmp_path):
         hotter = endpoint.model_copy(update={"temperature": 1.0})  # other sampling parameters: another call
         asyncio.run(_ask(LLMClient(hotter, api.base_url, cache=cache), 1))
         assert api.answered_total() == answered + (0 if 0 in errored else 1)
+
+
+def test_the_cache_key_names_who_answers():
+    """Same model name, same question: another address, or our own endpoint serving other weights
+    (whatever port it is on this time), is another call."""
+    ask = ([{"role": "user", "content": "q"}], {"tuple": "t"})
+    endpoint = EndpointConfig(model="base")
+    key = lambda url, identity=None: LLMClient(endpoint, url, identity=identity).key(*ask)  # noqa: E731
+    assert key("http://127.0.0.1:1/v1") != key("http://127.0.0.2:1/v1")
+    ours, other = ServeConfig().identity(), ServeConfig(model="/models/other").identity()
+    assert key("http://127.0.0.1:1/v1", ours) == key("http://127.0.0.1:2/v1", ours) != key("http://127.0.0.1:1/v1", other)
 
 
 def test_concurrency_and_rate_caps_hold(tmp_path):

@@ -45,13 +45,15 @@ class LLMActor:
     def output_fields(cls) -> list[tuple[str, pa.DataType]]:
         return [*cls.fields, *((f"{cls.prefix}_{name}", kind) for name, kind in USAGE_FIELDS)]
 
-    def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: SecretStr | None, share: float, cache_path: Path):
+    def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: SecretStr | None, share: float, cache_path: Path,
+                 identity: Any = None):
         self.client = LLMClient(
             endpoint,
             base_url,
             api_key.get_secret_value() if api_key is not None else None,
             share=share,
             cache=CallCache(cache_path),
+            identity=identity,
         )
 
     async def __call__(self, batch: pa.Table) -> pa.Table:

@@ -94,9 +94,13 @@ class LLMClient:
         api_key: str | None = None,
         share: float = 1.0,
         cache: CallCache | None = None,
+        identity: Any = None,
     ):
         self.endpoint = endpoint
         self.base_url = base_url
+        # who answers, for the cache key: the address, unless the caller knows better (our own
+        # endpoint's address changes from run to run; what it serves is its identity)
+        self.identity = base_url if identity is None else identity
         self.concurrency = max(1, int(endpoint.max_concurrency * share + 1e-9))
         self.cache = cache
         self._api_key = api_key
@@ -147,9 +151,9 @@ class LLMClient:
         return text[:MAX_ERROR_CHARS]
 
     def key(self, messages: list[dict], scope: dict, extra_body: dict | None = None) -> str:
-        """The cache key: what is asked (scope: tuple, template, version), of which model, how."""
+        """The cache key: what is asked (scope: tuple, template, version), of which endpoint and model, how."""
         return cache_key(
-            scope=scope, model=self.endpoint.model, sampling=self.sampling(), messages=messages, extra_body=extra_body
+            scope=scope, endpoint=self.identity, model=self.endpoint.model, sampling=self.sampling(), messages=messages, extra_body=extra_body
         )
 
     async def complete(self, messages: list[dict], scope: dict, extra_body: dict | None = None) -> CallResult:
