@@ -1,25 +1,31 @@
 """The SynthPert pipeline: traces (teacher + judge) -> train cot and raw -> predict -> evaluate
 -> register -> report.
 
-Every stage writes into `<run_dir>/<stage>-<key>/`, where the key hashes what the stage depends
-on: its config sections (output paths excluded) and its inputs' digests. A directory that holds
-`stage.json` is a finished stage and is skipped, so a re-run after a failure resumes where it
-stopped and a second run of the same config recomputes nothing. All stage runs nest under one
-MLflow parent run per invocation.
+Every stage writes into `<run_dir>/<stage>-<key>/`, where the key hashes exactly what the stage
+declares it reads (DECLARED): the config fields, our endpoint's identity when it calls it, and its
+upstream stages' keys or output digests, so a change upstream changes every key downstream. A
+directory that holds `stage.json` (the result and those inputs) is a finished stage and is skipped,
+so a re-run after a failure resumes where it stopped and a second run of the same config recomputes
+nothing; `plan` says, without running anything, which stages would run and which input changed.
+All stage runs nest under one MLflow parent run per invocation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fnmatch
 import functools
 import hashlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pandas as pd
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from synthpert import prompts, tracking
 from synthpert.artifacts import _atomic_write, read_manifest
@@ -34,17 +40,81 @@ MODES = ("cot", "raw")  # the two students: reasoning traces, and the raw label 
 SCORES = ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")
 
 
-def _strip_outputs(tree: Any) -> Any:
-    """A config subtree without output locations: where results go does not change what they are."""
-    if isinstance(tree, dict):
-        return {k: _strip_outputs(v) for k, v in tree.items() if k not in ("output_dir", "cache_path")}
-    return tree
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """What a stage reads, as data: its key derives from exactly these, so the plan can name what
+    changed. `fields` are dotted config fields (a section: each of its fields but those in IGNORED);
+    `inputs` name what it takes from upstream stages (keys, digests) or code (prompt versions);
+    `calls` the endpoints it asks (dotted), which make our own endpoint's identity an input when
+    one of them has no base_url."""
+
+    fields: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+    calls: tuple[str, ...] = ()
 
 
-def stage_key(cfg: Config, sections: tuple[str, ...], **inputs: Any) -> str:
-    dumped = cfg.model_dump(mode="json")
-    payload = {"sections": {s: _strip_outputs(dumped[s]) for s in sections}, "inputs": inputs}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+# Where results go, and how fast or how often they are made, does not change what they are.
+IGNORED = (
+    "*.output_dir", "*.cache_path", "generate.actors", "generate.batch_size",
+    *(f"generate.*.{f}" for f in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries")),
+    "train.mode",  # the pipeline trains both modes; the mode is an input of its own
+    *(f"train.{f}" for f in ("storage_path", "checkpoints_to_keep", "max_failures", "log_every_steps", "memory_budget_gb")),
+)
+DECLARED = {
+    "traces": Declared(("data", "generate"), ("prompts",), ("generate.teacher", "generate.judge")),
+    "train": Declared(("train", "data.validation_fraction", "data.seed"), ("traces.sft", "mode")),
+    # the students answer with the teacher's sampling settings (greedy), on the same endpoint kind
+    "predict": Declared(("data", "evaluate.limit", "evaluate.seed", "evaluate.direction", "generate.teacher"),
+                        ("model", "prompts"), ("endpoint",)),
+    "evaluate": Declared(("data", "evaluate"), ("predictions",)),
+    "register": Declared(("train.registered_model_name", "data.split", "tracking"), ("train-cot", "evaluate")),
+    # the report prints the settings (and how our endpoint scored) beside its upstream results
+    "report": Declared(("data", "generate", "train", "evaluate", "serve.engine", "serve.use_gpu", "serve.engine_kwargs"),
+                       ("traces", "train", "evaluate")),
+}
+
+
+def _leaves(node: Any, path: str) -> dict[str, Any]:
+    """The dotted leaf fields under `path` of a config (a plain value is its own leaf)."""
+    if isinstance(node, BaseModel):
+        return {k: v for name in type(node).model_fields for k, v in _leaves(getattr(node, name), f"{path}.{name}").items()}
+    return {} if any(fnmatch.fnmatchcase(path, pattern) for pattern in IGNORED) else {path: to_jsonable_python(node)}
+
+
+def read_fields(cfg: Config, dotted: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the declared fields, by dotted name."""
+    values: dict[str, Any] = {}
+    for path in dotted:
+        node: Any = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        values |= _leaves(node, path)
+    return values
+
+
+def declared_inputs(cfg: Config, kind: str, calls: tuple[EndpointConfig, ...] = (), **inputs: Any) -> dict[str, Any]:
+    """A stage's inputs as its declaration says: the fields it reads and what it takes from upstream,
+    as JSON reads them back (so a recorded run compares equal)."""
+    declared = DECLARED[kind]
+    if set(inputs) != set(declared.inputs) or len(calls) != len(declared.calls):
+        raise TypeError(f"stage {kind} declares inputs {declared.inputs} and calls {declared.calls}")
+    fields = read_fields(cfg, declared.fields)
+    if any(endpoint.base_url is None for endpoint in calls):
+        fields |= cfg.serve.identity()
+    return json.loads(json.dumps({"fields": fields, "inputs": inputs}, sort_keys=True, default=str))
+
+
+def stage_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The declared fields and inputs whose values differ between two stages' recorded inputs."""
+    names = []
+    for part in ("fields", "inputs"):
+        old, new = before.get(part, {}), after.get(part, {})
+        names += sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    return names
 
 
 def official_score(metrics: dict) -> float:
@@ -63,8 +133,9 @@ class Pipeline:
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
-    def stage(self, name: str, key: str, fn: Callable[[Path], dict]) -> dict:
-        """`fn(out_dir)` once per key; its JSON result is kept in `stage.json` for later runs."""
+    def stage(self, name: str, inputs: dict, fn: Callable[[Path], dict]) -> dict:
+        """`fn(out_dir)` once per key; its JSON result, with the inputs, is kept in `stage.json` for later runs."""
+        key = stage_key(inputs)
         finished = self.result(name, key)
         if finished is not None:
             self.skipped.append(name)
@@ -73,7 +144,7 @@ class Pipeline:
         done = out / STAGE_FILE
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2)}
+        result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2), "inputs": inputs}
         _atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, sort_keys=True, default=str)))
         self.ran.append(name)
         return result
@@ -85,21 +156,44 @@ class Pipeline:
         """A finished stage's result, None when it has not run."""
         return json.loads((self.root / f"{name}-{key}" / STAGE_FILE).read_text()) if self.is_done(name, key) else None
 
-    # ---- stage keys: what each stage depends on -----------------------------------------------
-    def traces_key(self) -> str:
+    def look(self, name: str, inputs: dict) -> tuple[Step, dict | None]:
+        """Whether a stage with these inputs would run, and why; its result when it is finished."""
+        key = stage_key(inputs)
+        result = self.result(name, key)
+        if result is not None:
+            return Step(name, key, "skip", "finished"), result
+        runs = sorted(self.root.glob(f"{name}-{'?' * len(key)}/{STAGE_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            return Step(name, key, "run", "never run"), None
+        recorded = json.loads(runs[-1].read_text()).get("inputs")
+        if recorded is None:
+            return Step(name, key, "run", f"last run {runs[-1].parent.name} recorded no inputs"), None
+        return Step(name, key, "run", "changed since the last run: " + (", ".join(changed(recorded, inputs)) or "the key's derivation")), None
+
+    # ---- each stage's declared inputs (DECLARED) ----------------------------------------------
+    def traces_inputs(self) -> dict:
         # the prompts' versions (templates, rubric, principles, context text) are inputs: traces written
         # with other wording are regenerated, never reused
-        versions = prompts.PromptSet.from_config(self.cfg.generate).versions
-        return stage_key(self.cfg, ("data", "generate"), prompts=versions)
+        g = self.cfg.generate
+        return declared_inputs(self.cfg, "traces", (g.teacher, g.judge), prompts=prompts.PromptSet.from_config(g).versions)
 
-    def train_key(self, traces: dict, mode: str) -> str:
-        validation = (self.cfg.data.validation_fraction, self.cfg.data.seed)
-        return stage_key(self.cfg, ("train",), mode=mode, sft=traces["sft_sha256"], validation=validation)
+    def train_inputs(self, traces: dict, mode: str) -> dict:
+        return declared_inputs(self.cfg, "train", mode=mode, **{"traces.sft": traces["sft_sha256"]})
 
-    def predict_keys(self, models: dict[str, dict]) -> dict[str, str]:
+    def predict_inputs(self, spec: dict) -> dict:
         versions = prompts.PromptSet.from_config(self.cfg.generate).versions
-        asked = [versions["student"], versions["student_direction"]]
-        return {name: stage_key(self.cfg, ("data", "evaluate"), model=spec["identity"], prompts=asked) for name, spec in models.items()}
+        return declared_inputs(self.cfg, "predict", (spec["endpoint"],), model=spec["identity"],
+                               prompts=[versions["student"], versions["student_direction"]])
+
+    def evaluate_inputs(self, predictions: dict[str, dict]) -> dict:
+        return declared_inputs(self.cfg, "evaluate", predictions={name: p["sha256"] for name, p in predictions.items()})
+
+    def register_inputs(self, student: dict, evaluation: dict) -> dict:
+        return declared_inputs(self.cfg, "register", **{"train-cot": student["key"], "evaluate": evaluation["key"]})
+
+    def report_inputs(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
+        return declared_inputs(self.cfg, "report", traces=traces["key"], train={mode: t["key"] for mode, t in trained.items()},
+                               evaluate=evaluation["key"])
 
     # ---- stages -----------------------------------------------------------------------------
     def traces(self) -> dict:
@@ -116,7 +210,7 @@ class Pipeline:
                 )
             return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary["run_id"]}
 
-        return self.stage("traces", self.traces_key(), run)
+        return self.stage("traces", self.traces_inputs(), run)
 
     def train(self, traces: dict, mode: str) -> dict:
         from synthpert.train import train
@@ -126,16 +220,16 @@ class Pipeline:
             cfg.train.mode = mode  # registered under its own name (tracking.registered_name)
             return train(cfg, traces["dir"], output_dir=out, resume=True)  # a crashed attempt continues
 
-        return self.stage(f"train-{mode}", self.train_key(traces, mode), run)
+        return self.stage(f"train-{mode}", self.train_inputs(traces, mode), run)
 
     def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
         """Every model over the same test tuples; our endpoint is started only if some are missing."""
         from synthpert import predict
         from synthpert.generate import api_key
 
-        keys = self.predict_keys(models)
-        if all(self.is_done(f"predict-{name}", keys[name]) for name in models):
-            return {name: self.stage(f"predict-{name}", keys[name], None) for name in models}
+        inputs = {name: self.predict_inputs(spec) for name, spec in models.items()}
+        if all(self.is_done(f"predict-{name}", stage_key(inputs[name])) for name in models):
+            return {name: self.stage(f"predict-{name}", inputs[name], None) for name in models}
         tuples = predict.eval_tuples(self.cfg)
         adapters = {name: spec["adapter"] for name, spec in models.items() if spec.get("adapter")}
         with contextlib.ExitStack() as stack:
@@ -152,12 +246,13 @@ class Pipeline:
                     self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
                     api_key=api_key(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
                 )
-                return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model}
+                return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model,
+                        "sha256": read_manifest(out)["outputs"]["predictions"]["sha256"]}
 
             # all models at once: their rows share the endpoint's decode batches; a failure surfaces
             # after the others have finished (and been kept)
             with ThreadPoolExecutor(len(models)) as pool:
-                futures = {name: pool.submit(self.stage, f"predict-{name}", keys[name], functools.partial(run, spec=spec))
+                futures = {name: pool.submit(self.stage, f"predict-{name}", inputs[name], functools.partial(run, spec=spec))
                            for name, spec in models.items()}
             return {name: future.result() for name, future in futures.items()}
 
@@ -167,8 +262,6 @@ class Pipeline:
         from synthpert import evaluate
         from synthpert.artifacts import read_table
         from synthpert.data import evaluation_view, load_split
-
-        digests = {name: read_manifest(p["dir"])["outputs"]["predictions"]["sha256"] for name, p in predictions.items()}
 
         def run(out: Path) -> dict:
             truth = load_split(self.cfg.data)
@@ -181,15 +274,16 @@ class Pipeline:
                     continue
                 asked.update(baseline_predictions(self.cfg, view, next(iter(asked.values()))[["cell_line", "pert", "gene"]]))
                 for name, frame in asked.items():
+                    e = self.cfg.evaluate
                     metrics = evaluate.evaluate(evaluate.check_predictions(frame.drop(columns=["split"], errors="ignore"), name), view,
-                                                bootstrap=self.cfg.evaluate.bootstrap, seed=self.cfg.evaluate.seed, progress=self.progress)
+                                                bootstrap=e.bootstrap, seed=e.seed, require_complete=e.require_complete, progress=self.progress)
                     evaluate.write_report(metrics, out / part / name)
                     results[where][name] = metrics
             return results
 
-        return self.stage("evaluate", stage_key(self.cfg, ("data", "evaluate"), predictions=digests), run)
+        return self.stage("evaluate", self.evaluate_inputs(predictions), run)
 
-    def register(self, student: dict, validation: dict, test: dict, evaluation_key: str) -> dict:
+    def register(self, student: dict, validation: dict, test: dict, evaluation: dict) -> dict:
         """Tag the student's model version with its validation and test scores; alias it champion
         if it beats the holder on VALIDATION (test scores are reported, never used to choose)."""
         name = tracking.registered_name(self.cfg)
@@ -202,9 +296,7 @@ class Pipeline:
             return tracking.promote_if_better(name, student["model_version"], official_score(validation), CHAMPION,
                                               tags={**tags, "synthpert.split": self.cfg.data.split})
 
-        key = stage_key(self.cfg, ("train", "tracking"), model=student.get("model_uri"), version=student.get("model_version"),
-                        evaluation=evaluation_key)
-        return self.stage("register", key, run)
+        return self.stage("register", self.register_inputs(student, evaluation), run)
 
     def report(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
         from synthpert import report
@@ -213,7 +305,7 @@ class Pipeline:
             paths = report.write(out, self.cfg, traces=traces, trained=trained, evaluation=evaluation)
             return {name: str(p) for name, p in paths.items()}
 
-        return self.stage("report", stage_key(self.cfg, (), evaluation=evaluation["key"], traces=traces["key"]), run)
+        return self.stage("report", self.report_inputs(traces, trained, evaluation), run)
 
 
 def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -248,19 +340,53 @@ def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]
     return models
 
 
-def pending(cfg: Config) -> list[str]:
-    """The stages a run of this config would compute rather than skip, the prediction stages by
-    model (`predict-teacher`, ...): what the pre-flight must check. Evaluation, registration and
-    the report follow from them and call nothing outside."""
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One stage of a plan: its key (None until the stages it takes from have run), and whether it
+    would run or be skipped, and why."""
+
+    stage: str
+    key: str | None
+    action: Literal["run", "skip"]
+    reason: str
+
+
+def plan(cfg: Config) -> list[Step]:
+    """What a run of this config would do, stage by stage, from the run folder's stage.json files
+    alone: nothing is started, called or created."""
     pipeline = Pipeline(cfg, progress=False)
-    traces = pipeline.result("traces", pipeline.traces_key())
-    trained = {mode: traces and pipeline.result(f"train-{mode}", pipeline.train_key(traces, mode)) for mode in MODES}
-    todo = ([] if traces else ["traces"]) + [f"train-{mode}" for mode, result in trained.items() if not result]
-    if todo:  # the students' keys are not known before they are trained: every prediction runs
-        unknown = {mode: {"adapter_path": None, "key": None} for mode in MODES}
-        return todo + [f"predict-{name}" for name in models_to_evaluate(cfg, unknown)]
-    keys = pipeline.predict_keys(models_to_evaluate(cfg, trained))
-    return [f"predict-{name}" for name, key in keys.items() if not pipeline.is_done(f"predict-{name}", key)]
+    steps: list[Step] = []
+
+    def visit(name: str, inputs: Callable[[], dict], **upstream: dict | None) -> dict | None:
+        waiting = [stage for stage, result in upstream.items() if result is None]
+        if waiting:
+            steps.append(Step(name, None, "run", f"key known after {', '.join(waiting)}"))
+            return None
+        step, result = pipeline.look(name, inputs())
+        steps.append(step)
+        return result
+
+    traces = visit("traces", pipeline.traces_inputs)
+    trained = {mode: visit(f"train-{mode}", lambda: pipeline.train_inputs(traces, mode), traces=traces) for mode in MODES}
+    unknown = {"adapter_path": None, "key": None}
+    models = models_to_evaluate(cfg, {mode: result or unknown for mode, result in trained.items()})
+    predictions = {
+        name: visit(f"predict-{name}", lambda: pipeline.predict_inputs(spec),
+                    **({f"train-{spec['mode']}": trained[spec["mode"]]} if "adapter" in spec else {}))
+        for name, spec in models.items()
+    }
+    evaluation = visit("evaluate", lambda: pipeline.evaluate_inputs(predictions), **{f"predict-{n}": p for n, p in predictions.items()})
+    visit("register", lambda: pipeline.register_inputs(trained["cot"], evaluation), **{"train-cot": trained["cot"], "evaluate": evaluation})
+    visit("report", lambda: pipeline.report_inputs(traces, trained, evaluation),
+          traces=traces, **{f"train-{mode}": trained[mode] for mode in MODES}, evaluate=evaluation)
+    return steps
+
+
+def pending(cfg: Config) -> list[str]:
+    """The stages a run of this config would compute rather than skip that call or load something
+    outside (traces, training, the prediction stages by model: `predict-teacher`, ...): what the
+    pre-flight must check. Evaluation, registration and the report follow from them."""
+    return [step.stage for step in plan(cfg) if step.action == "run" and step.stage.startswith(("traces", "train-", "predict-"))]
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -280,7 +406,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         evaluation = pipeline.evaluate(predictions)
         pick = lambda models: {name: {k: m.get(k) for k in SCORES} for name, m in models.items()}  # noqa: E731
         scores, validation = pick(evaluation["models"]), pick(evaluation["validation"])
-        registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT], evaluation["key"])
+        registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT], evaluation)
         report = pipeline.report(traces, trained, evaluation)
         tracking.set_tags({
             "synthpert.traces_dir": traces["dir"], "synthpert.traces_run_id": traces.get("run_id"),

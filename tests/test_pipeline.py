@@ -10,18 +10,10 @@ from mlflow import MlflowClient
 
 from synthpert import tracking
 from synthpert.config import load_config
-from synthpert.pipeline import Pipeline, stage_key
+from synthpert.pipeline import Pipeline, declared_inputs
 from tests.conftest import run_cli
 
 STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
-
-
-def test_stage_key_follows_inputs_not_output_paths():
-    base = load_config(None)
-    moved = load_config(None, ["train.output_dir=/elsewhere", "generate.output_dir=/x"])
-    assert stage_key(base, ("train", "generate")) == stage_key(moved, ("train", "generate"))
-    assert stage_key(base, ("train",)) != stage_key(load_config(None, ["train.lora_r=8"]), ("train",))
-    assert stage_key(base, ("train",), sft="a") != stage_key(base, ("train",), sft="b")
 
 
 def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
@@ -36,14 +28,15 @@ def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
     def broken(out):
         raise RuntimeError("boom")
 
+    one, two = (declared_inputs(cfg, "train", mode="cot", **{"traces.sft": sft}) for sft in ("a", "b"))
     first = Pipeline(cfg, progress=False)
     with pytest.raises(RuntimeError):
-        first.stage("s", "k1", broken)  # a crash leaves no stage.json: the stage is not done
-    assert first.stage("s", "k1", work)["value"] == 1
+        first.stage("s", one, broken)  # a crash leaves no stage.json: the stage is not done
+    assert first.stage("s", one, work)["value"] == 1
     second = Pipeline(cfg, progress=False)
-    assert second.stage("s", "k1", work)["value"] == 1 and len(calls) == 1
+    assert second.stage("s", one, work)["value"] == 1 and len(calls) == 1
     assert second.skipped == ["s"] and second.ran == []
-    assert second.stage("s", "k2", work)["value"] == 2  # another key is another stage
+    assert second.stage("s", two, work)["value"] == 2  # other inputs are another stage
 
 
 def _registry(cfg, name: str, versions: int) -> MlflowClient:
@@ -88,7 +81,7 @@ def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
     out.mkdir(parents=True)
     outputs = {"predictions": write_table(out, "predictions", frame, frame.schema)}
     write_manifest(out, "predict", outputs)
-    return {"dir": str(out)}
+    return {"dir": str(out), "sha256": outputs["predictions"]["sha256"]}
 
 
 def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
@@ -115,8 +108,8 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
 
     client = _registry(cfg, "synthpert-student", 2)
     good_val, bad_val = {"auroc_de": 0.70, "auroc_dir": 0.70}, {"auroc_de": 0.60, "auroc_dir": 0.60}
-    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50}, real["key"])
-    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99}, real["key"])
+    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1", "key": "k1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50}, real)
+    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2", "key": "k2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99}, real)
     assert first["promoted"] and not second["promoted"]
     holder = client.get_model_version_by_alias("synthpert-student", "champion")
     assert str(holder.version) == "1" and holder.tags["synthpert.test.auroc_de"] == "0.5"

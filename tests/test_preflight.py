@@ -10,7 +10,7 @@ from pathlib import Path
 
 from synthpert import preflight
 from synthpert.config import load_config
-from synthpert.pipeline import Pipeline, models_to_evaluate, pending
+from synthpert.pipeline import Pipeline, models_to_evaluate, pending, stage_key
 from tests.conftest import REPO, free_port, run_cli
 from tests.fake_api import FakeAPI
 
@@ -110,16 +110,16 @@ def test_finished_stages_are_not_checked(tmp_path):
     failed = {c.subject for c in preflight.run(cfg).failures}
     assert {"train.base_model", "serve.model"} <= failed  # the adapters' base would differ from the served model
 
-    traces = _finish(pipeline, "traces", pipeline.traces_key(), sft_sha256="abc")
-    trained = {mode: _finish(pipeline, f"train-{mode}", pipeline.train_key(traces, mode), adapter_path=str(tmp_path / mode))
+    traces = _finish(pipeline, "traces", stage_key(pipeline.traces_inputs()), sft_sha256="abc")
+    trained = {mode: _finish(pipeline, f"train-{mode}", stage_key(pipeline.train_inputs(traces, mode)), adapter_path=str(tmp_path / mode))
                for mode in ("cot", "raw")}
     models = models_to_evaluate(cfg, trained)
     assert pending(cfg) == [f"predict-{name}" for name in models]
     report = preflight.run(cfg)
     assert report.failures == [] and "train.base_model" not in {c.subject for c in report.checks}
 
-    for name, key in pipeline.predict_keys(models).items():
-        _finish(pipeline, f"predict-{name}", key)
+    for name, spec in models.items():
+        _finish(pipeline, f"predict-{name}", stage_key(pipeline.predict_inputs(spec)), sha256=name)
     assert pending(cfg) == []
     assert [c.subject for c in preflight.run(cfg).checks] == ["run_dir"]
 
