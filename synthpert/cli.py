@@ -271,6 +271,7 @@ def pipeline(
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
     check: bool = typer.Option(False, "--check", help="Only the pre-flight: keys, endpoints, model paths, GPUs, folders."),
+    plan: bool = typer.Option(False, "--plan", help="Only say what would run: every stage, its key, run or skip and why."),
     json_: bool = JsonOpt,
 ) -> None:
     """The whole SynthPert pipeline: traces -> train cot + raw -> predict -> evaluate -> register -> report.
@@ -279,6 +280,15 @@ def pipeline(
     A pre-flight runs first: what the pending stages need is checked before anything starts.
     """
     cfg = resolve(config, set_)
+    if plan:
+        from synthpert.pipeline import plan as make_plan
+
+        steps = make_plan(cfg)
+        for step in steps:
+            typer.echo(f"{step.stage:<20} {step.key or '?':<12}  {step.action:<4}  {step.reason}")
+        if json_:
+            emit_json({"run_dir": str(cfg.run_dir), "stages": [dataclasses.asdict(step) for step in steps]})
+        return
     if check:
         from synthpert import preflight
 
