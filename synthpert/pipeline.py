@@ -63,9 +63,9 @@ IGNORED = (
 DECLARED = {
     "traces": Declared(("data", "generate"), ("prompts",), ("generate.teacher", "generate.judge")),
     "train": Declared(("train", "data.validation_fraction", "data.seed"), ("traces.sft", "mode")),
-    # the students answer with the teacher's sampling settings (greedy), on the same endpoint kind
-    "predict": Declared(("data", "evaluate.limit", "evaluate.seed", "evaluate.direction", "generate.teacher"),
-                        ("model", "prompts"), ("endpoint",)),
+    # every model answers greedily with the teacher's other sampling settings; which model is its own input
+    "predict": Declared(("data", "evaluate.limit", "evaluate.seed", "evaluate.direction",
+                         *(f"generate.teacher.{f}" for f in ("max_tokens", "top_p", "seed"))), ("model", "prompts"), ("endpoint",)),
     "evaluate": Declared(("data", "evaluate"), ("predictions",)),
     "register": Declared(("train.registered_model_name", "data.split", "tracking"), ("train-cot", "evaluate")),
     # the report prints the settings (and how our endpoint scored) beside its upstream results

@@ -42,6 +42,8 @@ def test_a_read_field_changes_its_key_and_every_key_downstream():
     assert _differ("evaluate.limit=4") == ["predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
     assert _differ("evaluate.bootstrap=10") == ["evaluate", "register", "report"]
     assert _differ("generate.keep=[excellent]") == ["traces", "report"]  # same sft digest given: training reads only that
+    assert _differ("generate.teacher.temperature=0.2") == ["traces", "report"]  # predictions are greedy whatever it is
+    assert _differ("generate.teacher.max_tokens=64")[-6:] == STAGES[3:]  # and as long as the teacher's reasoning
     assert _differ("data.seed=1") == STAGES  # every stage reads it
     assert _differ("tracking.experiment=other") == ["register"]
     assert _differ("data.validation_fraction=0.2") == STAGES
