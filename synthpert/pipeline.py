@@ -53,9 +53,9 @@ class Declared:
     calls: tuple[str, ...] = ()
 
 
-# Where results go, and how fast or how often they are made, does not change what they are.
+# Where results go, how fast they are made and with which key variable does not change what they are.
 IGNORED = (
-    "*.output_dir", "*.cache_path", "generate.actors", "generate.batch_size",
+    "*.output_dir", "*.cache_path", "*.api_key_env", "generate.actors", "generate.batch_size",
     *(f"generate.*.{f}" for f in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries")),
     "train.mode",  # the pipeline trains both modes; the mode is an input of its own
     *(f"train.{f}" for f in ("storage_path", "checkpoints_to_keep", "max_failures", "log_every_steps", "memory_budget_gb")),

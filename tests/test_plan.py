@@ -50,7 +50,7 @@ def test_a_read_field_changes_its_key_and_every_key_downstream():
 
 
 def test_a_field_a_stage_does_not_read_leaves_its_key():
-    unread = ["serve.max_replicas=4", "generate.output_dir=/elsewhere", "generate.teacher.max_concurrency=2", "train.output_dir=/x",
+    unread = ["serve.max_replicas=4", "generate.output_dir=/elsewhere", "generate.teacher.max_concurrency=2", "generate.judge.api_key_env=OTHER_KEY", "train.output_dir=/x",
               "evaluate.output_dir=/y", "train.checkpoints_to_keep=5", "run_dir=/z"]
     for override in unread:
         assert _differ(override) == [], override
