@@ -45,8 +45,8 @@ class Declared:
     """What a stage reads, as data: its key derives from exactly these, so the plan can name what
     changed. `fields` are dotted config fields (a section: each of its fields but those in IGNORED);
     `inputs` name what it takes from upstream stages (keys, digests) or code (prompt versions);
-    `calls` the endpoints it asks (dotted), which make our own endpoint's identity an input when
-    one of them has no base_url."""
+    `calls` names the endpoints it asks: one without a base_url (ours) makes our endpoint's identity
+    (ServeConfig.ANSWERS) an input."""
 
     fields: tuple[str, ...]
     inputs: tuple[str, ...] = ()
