@@ -30,7 +30,8 @@ from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors
-from synthpert.llm.client import CallResult
+from synthpert.llm.cache import CallCache
+from synthpert.llm.client import BUDGET_REFUSED, CallResult
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
 
 STAGE = "generate"
@@ -161,17 +162,23 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     prompt_set = prompts.PromptSet.from_config(g)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
+    if g.max_cost_usd is not None:
+        cache = CallCache(cache_path)
+        cache.reset_budget()
+        cache.close()
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
     blocks = [tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)]
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
         base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), identity=endpoint_identity(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        max_cost_usd=g.max_cost_usd,
         prompt_set=prompt_set,
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
         base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache_path=cache_path,
+        max_cost_usd=g.max_cost_usd,
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
     )
     frames = []
@@ -221,6 +228,7 @@ def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
         cost_usd=round(spent("cost_usd"), 6),
         tokens_total=int(attempts["tokens_in"].sum() + attempts["tokens_out"].sum()),
         cost_usd_total=round(float(attempts["cost_usd"].sum()), 6),
+        refused=int(attempts["error"].str.endswith(BUDGET_REFUSED, na=False).sum()),
         acceptance_rate=round(summary["accepted"] / max(1, summary["rows"]), 4),
         grades=grade_histogram(attempts),
         wall_s=round(wall_s, 2),
@@ -289,4 +297,9 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             )
             if run_id is not None:
                 _track(summary, attempts, sft, manifest)
+    if summary["refused"]:
+        raise SynthPertError(
+            f"budget generate.max_cost_usd=${g.max_cost_usd} reached after ${summary['cost_usd']:.4f}: {summary['refused']} of "
+            f"{summary['rows']} rows not generated; re-run with a higher budget to finish them (answered calls come from the cache)"
+        )
     return summary | {"output": str(output), "run_id": run_id}
