@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import SecretStr
 
-from synthpert import prompts, tracking
+from synthpert import estimate, prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.cluster import ray_session
 from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
@@ -266,6 +267,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     tuples = sample_tuples(cfg.data)
     output = Path(g.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    cost = estimate.estimate(tuples, g, g.cache_path or output / "calls.sqlite")
+    print(estimate.describe(cost, g.max_cost_usd), file=sys.stderr)
     with contextlib.ExitStack() as stack:
         own = None
         if g.teacher.base_url is None or g.judge.base_url is None:
@@ -275,6 +278,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         stack.enter_context(ray_session())
         urls = {"teacher": g.teacher.base_url or own, "judge": g.judge.base_url or own}
         with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
+            tracking.log_params(tracking.flatten({"estimate": cost}))
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
             attempts = _finish_columns(_stream(cfg, tuples, urls, progress))
             sft = sft_rows(attempts)
@@ -293,6 +297,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 models={"teacher": g.teacher.model, "judge": g.judge.model},
                 endpoints=urls,
                 counts=summary,
+                estimate=cost,
                 mlflow_run_id=run_id,
             )
             if run_id is not None:
@@ -300,6 +305,6 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if summary["refused"]:
         raise SynthPertError(
             f"budget generate.max_cost_usd=${g.max_cost_usd} reached after ${summary['cost_usd']:.4f}: {summary['refused']} of "
-            f"{summary['rows']} rows not generated; re-run with a higher budget to finish them (answered calls come from the cache)"
+            f"{summary['rows']} rows not finished; re-run with a higher budget to finish them (answered calls come from the cache)"
         )
     return summary | {"output": str(output), "run_id": run_id}
