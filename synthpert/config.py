@@ -105,6 +105,9 @@ class GenerateConfig(Section):
     cache_path: Path | None = None  # durable store of finished calls; None: <output_dir>/calls.sqlite
     actors: int = 2  # Ray Data actors per stage; each gets 1/actors of an endpoint's concurrency and rate caps
     batch_size: int = 8  # rows per Ray Data batch: small, so a generated row reaches the judge soon
+    # hard budget in USD for this run's teacher + judge calls (cached calls are free); None: no budget.
+    # Calls stop being sent when spent + in-flight worst case would pass it; the stage exits 2.
+    max_cost_usd: float | None = Field(default=None, ge=0)
 
     @field_validator("keep")
     @classmethod

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,15 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import SecretStr
 
-from synthpert import prompts, tracking
+from synthpert import estimate, prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.cluster import ray_session
 from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors
-from synthpert.llm.client import CallResult
+from synthpert.llm.cache import CallCache
+from synthpert.llm.client import BUDGET_REFUSED, CallResult
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
 
 STAGE = "generate"
@@ -161,17 +163,23 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     prompt_set = prompts.PromptSet.from_config(g)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
+    if g.max_cost_usd is not None:
+        cache = CallCache(cache_path)
+        cache.reset_budget()
+        cache.close()
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
     blocks = [tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)]
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
         base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), identity=endpoint_identity(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        max_cost_usd=g.max_cost_usd,
         prompt_set=prompt_set,
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
         base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache_path=cache_path,
+        max_cost_usd=g.max_cost_usd,
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
     )
     frames = []
@@ -221,6 +229,7 @@ def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
         cost_usd=round(spent("cost_usd"), 6),
         tokens_total=int(attempts["tokens_in"].sum() + attempts["tokens_out"].sum()),
         cost_usd_total=round(float(attempts["cost_usd"].sum()), 6),
+        refused=int(attempts["error"].str.endswith(BUDGET_REFUSED, na=False).sum()),
         acceptance_rate=round(summary["accepted"] / max(1, summary["rows"]), 4),
         grades=grade_histogram(attempts),
         wall_s=round(wall_s, 2),
@@ -258,6 +267,8 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     tuples = sample_tuples(cfg.data)
     output = Path(g.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    cost = estimate.estimate(tuples, g, g.cache_path or output / "calls.sqlite")
+    print(estimate.describe(cost, g.max_cost_usd), file=sys.stderr)
     with contextlib.ExitStack() as stack:
         own = None
         if g.teacher.base_url is None or g.judge.base_url is None:
@@ -267,6 +278,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         stack.enter_context(ray_session())
         urls = {"teacher": g.teacher.base_url or own, "judge": g.judge.base_url or own}
         with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
+            tracking.log_params(tracking.flatten({"estimate": cost}))
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
             attempts = _finish_columns(_stream(cfg, tuples, urls, progress))
             sft = sft_rows(attempts)
@@ -285,8 +297,14 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 models={"teacher": g.teacher.model, "judge": g.judge.model},
                 endpoints=urls,
                 counts=summary,
+                estimate=cost,
                 mlflow_run_id=run_id,
             )
             if run_id is not None:
                 _track(summary, attempts, sft, manifest)
+    if summary["refused"]:
+        raise SynthPertError(
+            f"budget generate.max_cost_usd=${g.max_cost_usd} reached after ${summary['cost_usd']:.4f}: {summary['refused']} of "
+            f"{summary['rows']} rows not finished; re-run with a higher budget to finish them (answered calls come from the cache)"
+        )
     return summary | {"output": str(output), "run_id": run_id}

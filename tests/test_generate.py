@@ -259,3 +259,49 @@ def test_cli_rejects_bad_input_with_exit_2():
     assert proc.returncode == 2 and "great" in proc.stderr and "keep" in proc.stderr
     proc = run_cli("generate", "--cell-line", "k562", "--split", "holdout:rpe1", "--output", "unused")
     assert proc.returncode == 2 and "--cell-line or --split" in proc.stderr
+
+
+def test_budget_stops_sending_then_a_bigger_budget_finishes_without_repaying(ray_local, tmp_path, monkeypatch):
+    from synthpert.errors import SynthPertError
+    from synthpert.llm.client import BUDGET_REFUSED, prompt_tokens_estimate
+
+    monkeypatch.chdir(tmp_path)
+    prices = ["generate.teacher.price_in_per_mtok=1000", "generate.teacher.price_out_per_mtok=1000",
+              "generate.judge.price_in_per_mtok=1000", "generate.judge.price_out_per_mtok=1000"]  # $0.001 a token
+    with FakeAPI(free_port(), latency_s=0.05) as api:
+        sizes = ["data.limit=24", "generate.teacher.max_concurrency=4", "generate.judge.max_concurrency=4",
+                 "generate.teacher.max_tokens=200", "generate.judge.max_tokens=100", *prices]
+        cfg = _fake_cfg(api, tmp_path, *sizes)
+        rows = _records(generate.sample_tuples(cfg.data))
+        worst_teacher = [(prompt_tokens_estimate(PROMPTS.teacher(r, "")) + 200) / 1000 for r in rows]
+        budget = round(0.3 * sum(worst_teacher), 2)  # well under what the teacher calls alone would cost
+        with pytest.raises(SynthPertError, match=r"budget generate.max_cost_usd=\$.* reached .* rows not finished") as stop:
+            generate.run(_fake_cfg(api, tmp_path, *sizes, f"generate.max_cost_usd={budget}"), progress=False)
+        first = pd.read_parquet(tmp_path / "traces" / "attempts.parquet")
+        answered_first = dict(api.answered)
+        sent = int(first["teacher_called"].sum() + first["judge_called"].sum())
+        spent = float(first["cost_usd"].sum())
+        refused = first["error"].str.endswith(BUDGET_REFUSED, na=False)
+        assert len(first) == 24 and 0 < refused.sum() < 24 and sent == api.answered_total()
+        assert f"{refused.sum()} of 24 rows not finished" in str(stop.value), str(stop.value)
+        # reserving the worst case before sending: spent <= budget; one batch of in-flight calls is the most
+        # that can be past it (were a provider to bill more than the reservation), and it is not here
+        assert spent <= budget + 8 * max(worst_teacher)
+        assert spent <= budget
+        assert sent <= budget / min(first.loc[first["teacher_called"], "teacher_cost_usd"]) + 8  # stopped, not finished
+
+        summary = generate.run(_fake_cfg(api, tmp_path, *sizes, "generate.max_cost_usd=1000"), progress=False)
+        second = pd.read_parquet(tmp_path / "traces" / "attempts.parquet")
+    assert list(second["tuple_id"]) == [r["tuple_id"] for r in rows] and summary["refused"] == 0 == summary["errored"]
+    assert all(api.answered[key] == 1 for key in answered_first)  # no answered call was made again
+    assert max(api.answered.values()) == 1
+    assert summary["cached"] == sent  # every call the first run paid for came from the cache
+    # the estimate (printed before, kept in the manifest and MLflow): the whole run's real cost is within its range
+    cost = json.loads((tmp_path / "traces" / "manifest.json").read_text())["estimate"]
+    assert cost["tuples"] == 24 and cost["cached_calls"] == sent and cost["output_tokens_low_from"] == "cache"
+    assert cost["teacher"]["tokens_in"][0] == sum(second["teacher_tokens_in"])  # the same count the fake server bills
+    assert cost["teacher"]["usd"][0] < cost["teacher"]["usd"][1] and spent + summary["cost_usd"] <= cost["usd"][1]
+    assert second["teacher_cost_usd"].sum() == pytest.approx(cost["teacher"]["usd"][0], rel=0.25)  # low: measured averages
+    params = mlflow.get_run(summary["run_id"]).data.params
+    assert json.loads(params["estimate.usd"]) == cost["usd"]
+    assert summary["teacher_calls"] + summary["judge_calls"] + sent == 24 + int(second["judge_output"].notna().sum())

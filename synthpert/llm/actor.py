@@ -46,7 +46,7 @@ class LLMActor:
         return [*cls.fields, *((f"{cls.prefix}_{name}", kind) for name, kind in USAGE_FIELDS)]
 
     def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: SecretStr | None, share: float, cache_path: Path,
-                 identity: Any = None):
+                 identity: Any = None, max_cost_usd: float | None = None):
         self.client = LLMClient(
             endpoint,
             base_url,
@@ -54,6 +54,7 @@ class LLMActor:
             share=share,
             cache=CallCache(cache_path),
             identity=identity,
+            max_cost_usd=max_cost_usd,
         )
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
@@ -76,7 +77,7 @@ class LLMActor:
 
     def outcome(self, result: CallResult | None) -> dict[str, Any]:
         """The call's columns; None = no call was needed for this row."""
-        called = result is not None and not result.cached
+        called = result is not None and not result.cached and not result.refused
         result = result or CallResult()
         return {
             f"{self.prefix}_called": called,

@@ -5,6 +5,11 @@ One sqlite file in WAL mode, one row per call, committed the moment the call ret
 synchronous=NORMAL only a power cut can drop the last commits). Many processes (Ray actors)
 write the same file: sqlite serialises the writers, `INSERT OR IGNORE` makes a duplicate write
 harmless, and the busy timeout makes a writer wait instead of failing.
+
+The same file holds the run's cost budget counter (`reserve` / `settle`): every actor of every
+stage already opens this file, so a one-row table shared through sqlite's write lock needs no
+extra process (a Ray actor would be one more thing to start, name and lose on a crash), and
+`BEGIN IMMEDIATE` makes check-and-reserve atomic across processes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class CallCache:
             "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
             "record TEXT NOT NULL, created REAL NOT NULL)"
         )
+        # committed = USD spent in this run + USD reserved by calls still in flight
+        self._db.execute("CREATE TABLE IF NOT EXISTS budget (id INTEGER PRIMARY KEY CHECK (id = 0), committed REAL NOT NULL)")
+        self._db.execute("INSERT OR IGNORE INTO budget (id, committed) VALUES (0, 0.0)")
 
     def _enter_wal(self, timeout_s: float) -> None:
         """Switch to WAL, retrying by hand: when several processes open a new file at once,
@@ -64,6 +72,29 @@ class CallCache:
                 "INSERT OR IGNORE INTO calls (key, model, record, created) VALUES (?, ?, ?, ?)",
                 (key, model, json.dumps(record, sort_keys=True), time.time()),
             )
+
+    def reset_budget(self) -> None:
+        """A new run starts at zero: reservations a killed run left behind are not spent money."""
+        with self._lock:
+            self._db.execute("UPDATE budget SET committed = 0.0")
+
+    def reserve(self, usd: float, limit_usd: float) -> bool:
+        """Atomically add `usd` to the run's committed cost unless that would pass `limit_usd`."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (committed,) = self._db.execute("SELECT committed FROM budget").fetchone()
+                fits = committed + usd <= limit_usd
+                if fits:
+                    self._db.execute("UPDATE budget SET committed = committed + ?", (usd,))
+            finally:
+                self._db.execute("COMMIT")
+        return fits
+
+    def settle(self, delta_usd: float) -> None:
+        """Replace a call's reservation by its actual cost (delta = actual - reserved)."""
+        with self._lock:
+            self._db.execute("UPDATE budget SET committed = committed + ?", (delta_usd,))
 
     def __len__(self) -> int:
         with self._lock:

@@ -10,6 +10,9 @@
 - Retries: the openai client's own machinery (honours Retry-After / retry-after-ms, otherwise
   exponential backoff with jitter; retries 408/409/429/5xx, timeouts and dropped connections)
   up to `max_retries`; after that the error is returned on the result, never raised.
+- Budget (`max_cost_usd`): before a request is sent its worst case (prompt estimate + max_tokens
+  at the prices) is reserved against the run's counter in the cache file; a call that would pass
+  the budget is refused (BUDGET_REFUSED, no request); the reservation is settled at the actual usage.
 - Cache: a finished call (any 2xx answer, malformed or not: it was paid for) is written to the
   CallCache before it is returned; a key already there is answered from it without a request.
 """
@@ -32,6 +35,7 @@ from synthpert.llm.cache import CallCache, cache_key
 
 CHARS_PER_TOKEN = 4
 MAX_ERROR_CHARS = 400
+BUDGET_REFUSED = "budget: not sent, generate.max_cost_usd reached"
 
 # Counts the HTTP attempts of the call running in the current task (set by `complete`).
 _attempts: contextvars.ContextVar[list[int]] = contextvars.ContextVar("synthpert_llm_attempts")
@@ -49,6 +53,7 @@ class CallResult:
     cost_usd: float = 0.0
     retries: int = 0
     cached: bool = False
+    refused: bool = False  # not sent: the budget would have been passed
     extra: dict = dataclasses.field(default_factory=dict)  # the response's non-OpenAI fields (choice_logprobs)
 
 
@@ -64,6 +69,7 @@ class CallResult:
             cost_usd=sum(p.cost_usd for p in parts),
             retries=sum(p.retries for p in parts),
             cached=all(p.cached for p in parts),
+            refused=any(p.refused for p in parts),
             extra=parts[-1].extra,
         )
 
@@ -74,6 +80,11 @@ _RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_us
 def price(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float:
     """USD for one call at the endpoint's per-million-token prices."""
     return (prompt_tokens * endpoint.price_in_per_mtok + completion_tokens * endpoint.price_out_per_mtok) / 1e6
+
+
+def prompt_tokens_estimate(messages: list[dict]) -> int:
+    """Prompt tokens at CHARS_PER_TOKEN characters a token (what the rate cap and the budget reserve)."""
+    return sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + 1
 
 
 def _leaky_bucket(per_minute: float | None) -> AsyncLimiter | None:
@@ -95,6 +106,7 @@ class LLMClient:
         share: float = 1.0,
         cache: CallCache | None = None,
         identity: Any = None,
+        max_cost_usd: float | None = None,
     ):
         self.endpoint = endpoint
         self.base_url = base_url
@@ -103,6 +115,9 @@ class LLMClient:
         self.identity = base_url if identity is None else identity
         self.concurrency = max(1, int(endpoint.max_concurrency * share + 1e-9))
         self.cache = cache
+        self.max_cost_usd = max_cost_usd
+        if max_cost_usd is not None and cache is None:
+            raise ValueError("a budget needs the call cache: it holds the run's shared cost counter")
         self._api_key = api_key
         self._rpm = _leaky_bucket(endpoint.requests_per_minute and endpoint.requests_per_minute * share)
         self._tpm = _leaky_bucket(endpoint.tokens_per_minute and endpoint.tokens_per_minute * share)
@@ -162,24 +177,38 @@ class LLMClient:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return CallResult(**{f: hit[f] for f in _RECORDED if f in hit}, cached=True)
         client = self._openai()
+        prompt_estimate = prompt_tokens_estimate(messages)
         async with self._slots:
             if self._tpm is not None:
-                estimate = sum(len(m["content"]) for m in messages) // CHARS_PER_TOKEN + self.endpoint.max_tokens
-                await self._tpm.acquire(min(estimate, self._tpm.max_rate))
-            counter = [0]
-            _attempts.set(counter)
-            start = time.perf_counter()
-            try:  # the SDK's own request path and retries, minus its costly re-validation of our params
-                completion = await client.post(
-                    "/chat/completions",
-                    body={"model": self.endpoint.model, "messages": messages, **self.sampling(), **(extra_body or {})},
-                    cast_to=ChatCompletion,
-                )
-            except openai.APIError as exc:
-                return CallResult(
-                    error=self._describe(exc), latency_s=time.perf_counter() - start, retries=max(0, counter[0] - 1)
-                )
-            latency = time.perf_counter() - start
+                await self._tpm.acquire(min(prompt_estimate + self.endpoint.max_tokens, self._tpm.max_rate))
+            reserved = price(self.endpoint, prompt_estimate, self.endpoint.max_tokens)
+            if self.max_cost_usd is not None and not self.cache.reserve(reserved, self.max_cost_usd):
+                return CallResult(error=BUDGET_REFUSED, refused=True)
+            result = await self._send(client, messages, extra_body)
+            if self.max_cost_usd is not None:
+                self.cache.settle(result.cost_usd - reserved)
+        if self.cache is not None and result.error is None:
+            request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
+            record = {f: getattr(result, f) for f in _RECORDED} | {"request": request}
+            self.cache.put(key, self.endpoint.model, record)
+        return result
+
+    async def _send(self, client: openai.AsyncOpenAI, messages: list[dict], extra_body: dict | None) -> CallResult:
+        """The HTTP request with the SDK's retries; its usage priced, or its final error."""
+        counter = [0]
+        _attempts.set(counter)
+        start = time.perf_counter()
+        try:  # the SDK's own request path and retries, minus its costly re-validation of our params
+            completion = await client.post(
+                "/chat/completions",
+                body={"model": self.endpoint.model, "messages": messages, **self.sampling(), **(extra_body or {})},
+                cast_to=ChatCompletion,
+            )
+        except openai.APIError as exc:
+            return CallResult(
+                error=self._describe(exc), latency_s=time.perf_counter() - start, retries=max(0, counter[0] - 1)
+            )
+        latency = time.perf_counter() - start
         usage = completion.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0
@@ -193,10 +222,6 @@ class LLMClient:
             retries=max(0, counter[0] - 1),
             extra=dict(completion.model_extra or {}),
         )
-        if self.cache is not None:
-            request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
-            record = {f: getattr(result, f) for f in _RECORDED} | {"request": request}
-            self.cache.put(key, self.endpoint.model, record)
         return result
 
     async def aclose(self) -> None:

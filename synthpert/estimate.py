@@ -1,0 +1,80 @@
+"""What the traces stage will cost, before any call: a low-high range for the teacher and the judge.
+
+Input tokens come from the prompts actually rendered for the sampled tuples, counted at
+CHARS_PER_TOKEN characters a token (the count the rate cap and the budget reserve with, so the
+estimate and the budget agree). Output tokens: `max_tokens` is the high end (what a provider can
+bill at most); the low end is the model's measured average in the call cache when resuming, else
+TYPICAL_OUTPUT_FRACTION of `max_tokens`. The judge's prompt holds the teacher's reasoning, so its
+input grows with the teacher's output; every tuple is assumed judged (an upper bound on calls).
+Calls already in the cache cost nothing: the range is for the whole run, an upper bound on a resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from synthpert import prompts
+from synthpert.config import EndpointConfig, GenerateConfig
+from synthpert.llm.cache import CallCache
+from synthpert.llm.client import price, prompt_tokens_estimate
+
+TYPICAL_OUTPUT_FRACTION = 0.5  # of max_tokens, when the cache has no measured average yet
+
+
+def measured_output_tokens(cache_path: Path) -> tuple[dict[str, float], int]:
+    """Mean completion tokens per model over the cache's answered calls, and how many calls it holds."""
+    if not cache_path.exists():
+        return {}, 0
+    cache = CallCache(cache_path)
+    try:
+        records = [r for _, r in cache.records()]
+    finally:
+        cache.close()
+    frame = pd.DataFrame({"model": [r["request"]["model"] for r in records], "out": [r["completion_tokens"] for r in records]})
+    return frame.groupby("model")["out"].mean().to_dict(), len(records)
+
+
+def _side(endpoint: EndpointConfig, calls: int, tokens_in: int, out_low: float, extra_in_low: float = 0, extra_in_high: float = 0) -> dict:
+    """One endpoint's calls, tokens and USD range; extra_in: input tokens that depend on another call's output."""
+    low_in, high_in = tokens_in + calls * extra_in_low, tokens_in + calls * extra_in_high
+    return {
+        "calls": calls,
+        "tokens_in": [int(low_in), int(high_in)],
+        "tokens_out": [int(calls * out_low), calls * endpoint.max_tokens],
+        "usd": [round(price(endpoint, low_in, calls * out_low), 4), round(price(endpoint, high_in, calls * endpoint.max_tokens), 4)],
+    }
+
+
+def estimate(tuples: pd.DataFrame, g: GenerateConfig, cache_path: Path) -> dict[str, Any]:
+    """Teacher and judge calls, tokens and USD [low, high] for `tuples` (see the module doc)."""
+    prompt_set = prompts.PromptSet.from_config(g)
+    rows = tuples.to_dict("records")
+    measured, cached = measured_output_tokens(cache_path)
+    teacher_in = sum(prompt_tokens_estimate(prompt_set.teacher(r, r["context"])) for r in rows)
+    judge_in = sum(prompt_tokens_estimate(prompt_set.judge(r, "", r["context"])) for r in rows)
+    out = {name: measured.get(e.model, TYPICAL_OUTPUT_FRACTION * e.max_tokens) for name, e in (("teacher", g.teacher), ("judge", g.judge))}
+    teacher = _side(g.teacher, len(rows), teacher_in, out["teacher"])
+    judge = _side(g.judge, len(rows), judge_in, out["judge"], extra_in_low=out["teacher"], extra_in_high=g.teacher.max_tokens)
+    return {
+        "tuples": len(rows),
+        "cached_calls": cached,
+        "output_tokens_low_from": "cache" if measured else f"{TYPICAL_OUTPUT_FRACTION} x max_tokens",
+        "teacher": teacher,
+        "judge": judge,
+        "usd": [round(teacher["usd"][0] + judge["usd"][0], 4), round(teacher["usd"][1] + judge["usd"][1], 4)],
+    }
+
+
+def describe(est: dict[str, Any], budget: float | None) -> str:
+    """The short block printed before the run."""
+    lines = [f"cost estimate for {est['tuples']} tuples (whole run; {est['cached_calls']} calls already cached are free):"]
+    for name in ("teacher", "judge"):
+        side = est[name]
+        lines.append(f"  {name:<8}{side['calls']:>7} calls  in {side['tokens_in'][0]:,}-{side['tokens_in'][1]:,} tok  "
+                     f"out {side['tokens_out'][0]:,}-{side['tokens_out'][1]:,} tok  ${side['usd'][0]:.2f}-${side['usd'][1]:.2f}")
+    lines.append(f"  total ${est['usd'][0]:.2f}-${est['usd'][1]:.2f} (low: output at {est['output_tokens_low_from']}); "
+                 + ("no budget" if budget is None else f"budget generate.max_cost_usd=${budget:.2f}"))
+    return "\n".join(lines)
