@@ -12,6 +12,8 @@ from synthpert.data import Knowledge, apply_split
 from synthpert.evaluate import check_predictions, evaluate, load_truth, read_predictions
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.unit
+
 # Per-gene AUROC (DE, direction), PerturbQA Table 1 (Wu et al., ICLR 2025)
 PERTURBQA_RETRIEVAL = {"k562": (0.58, 0.69), "rpe1": (0.59, 0.63), "hepg2": (0.56, 0.64), "jurkat": (0.56, 0.61)}
 SUMMER = {"k562": (0.62, 0.64), "rpe1": (0.59, 0.64), "hepg2": (0.62, 0.66), "jurkat": (0.59, 0.67)}

@@ -18,6 +18,8 @@ from synthpert.llm.client import LLMClient
 from tests.conftest import REPO, free_port
 from tests.fake_api import FakeAPI, Faults, content_key
 
+pytestmark = pytest.mark.unit
+
 
 def _messages(i: int) -> list[dict]:
     return [{"role": "system", "content": "You are a biologist."}, {"role": "user", "content": f"question {i}: upregulated?"}]
