@@ -86,7 +86,7 @@ def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
     return {"dir": str(out), "sha256": outputs["predictions"]["sha256"]}
 
 
-@pytest.mark.unit
+@pytest.mark.slow
 def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     """The champion is chosen on validation: scrambling every test label changes the test metrics
     and nothing about the choice; a version better on test but worse on validation is not promoted."""
