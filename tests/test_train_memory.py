@@ -234,7 +234,7 @@ def long_traces(tmp_path_factory):
     return write_traces(tmp_path_factory.mktemp("long-traces"), n=8, repeat=LONG)
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # the training CLI up to its memory check: ~100 s on a loaded box
 def test_too_little_memory_refuses_before_any_worker_starts(long_traces, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--data", str(long_traces), "--mode", "cot", "--output", str(out), "--json",
