@@ -49,6 +49,7 @@ def _frame(rows):
     return frame.assign(de=(frame["direction"] != "none").astype(int))
 
 
+@pytest.mark.unit
 def test_neighbour_means_on_a_hand_made_pool():
     profiles = Profiles.of(_frame([("A", "g1", "up"), ("B", "g1", "none"), ("C", "g1", "down"), ("A", "g2", "none"), ("C", "g2", "up"), ("C", "g2", "up")]))
     query = _frame([("Q", "g1", "none"), ("Q", "g2", "none"), ("Q", "g3", "none")])
@@ -65,6 +66,7 @@ def test_neighbour_means_on_a_hand_made_pool():
     np.testing.assert_allclose((preds.p_up / (preds.p_up + preds.p_down))[[0, 2]], [0.25, 1.0])
 
 
+@pytest.mark.unit
 def test_retrieval_reproduces_perturbqa_table_1(truth, knowledge):
     preds, info = run_baseline(truth, "retrieval", EvaluateConfig(), knowledge=knowledge, progress=False)
     result = evaluate(check_predictions(preds), truth, bootstrap=0)
@@ -79,6 +81,7 @@ def test_retrieval_reproduces_perturbqa_table_1(truth, knowledge):
     assert 0.61 < result["per_cell_line"]["jurkat"]["auroc_dir"] < 0.70
 
 
+@pytest.mark.slow  # the kernel over all four lines through the CLI: ~15-30 s
 def test_kernel_beats_summer_in_all_eight_cells_through_the_cli(tmp_path, truth):
     out = tmp_path / "kernel.csv"
     proc = run_cli("baseline", "--cell-line", "all", "--method", "kernel", "--bootstrap", "0", "--output-dir", str(tmp_path), "--predictions-out", str(out), "--json", check=True)
@@ -94,6 +97,7 @@ def test_kernel_beats_summer_in_all_eight_cells_through_the_cli(tmp_path, truth)
     assert (tmp_path / "baseline-kernel-perturbqa" / "predictions.parquet").is_file()
 
 
+@pytest.mark.unit
 def test_read_out_neighbours_and_two_sided_smoothing_by_hand():
     # DE sets: g1 {A, B}, g2 {A, B, C}, g3 {C}; g1 and g2 up under A and B, g3 down under C, g2 down under C
     rows = [("A", "g1", "up"), ("B", "g1", "up"), ("A", "g2", "up"), ("B", "g2", "up"), ("C", "g2", "down"), ("C", "g3", "down"),
@@ -114,6 +118,7 @@ def test_read_out_neighbours_and_two_sided_smoothing_by_hand():
     np.testing.assert_allclose(up, [0.0, 0.0])  # every DE vote Q sees is down
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["retrieval", "kernel"])
 def test_no_test_label_is_read(truth, knowledge, method):
     """Scrambling the test rows' labels leaves every prediction unchanged (official split)."""
@@ -123,6 +128,7 @@ def test_no_test_label_is_read(truth, knowledge, method):
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.unit
 def test_transfer_on_rpe1_holdout_beats_always_not_de_and_reads_no_test_label(holdout):
     preds, info = run_baseline(holdout, "transfer", EvaluateConfig(), progress=False)
     assert info == {"rpe1": {"pool_rows": int((holdout.cell_line != "rpe1").sum()), "pool": "other cell lines"}}
@@ -134,6 +140,7 @@ def test_transfer_on_rpe1_holdout_beats_always_not_de_and_reads_no_test_label(ho
     pd.testing.assert_frame_equal(preds, scrambled)
 
 
+@pytest.mark.unit
 def test_cli_rejects_unknown_method_and_cell_line():
     proc = run_cli("baseline", "--method", "oracle")
     assert proc.returncode == 2 and "unknown baseline method 'oracle'" in proc.stderr
@@ -158,6 +165,7 @@ def small():
 SMALL = EvaluateConfig(kernel_taus=[0.05, 0.2], twoside_lams=[0.0, 1.0], cv_folds=3, ranker_rounds=40)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["twoside", "ranker"])
 def test_learned_baselines_read_no_test_information(small, knowledge, method):
     """Scrambling the test labels, or dropping every test row and asking for the test pairs
@@ -179,6 +187,7 @@ def test_learned_baselines_read_no_test_information(small, knowledge, method):
         assert info["hepg2"]["lam_de"] in SMALL.twoside_lams and set(info["hepg2"]["cv_auroc_de"]) == {"0.05,0.0", "0.05,1.0", "0.2,0.0", "0.2,1.0"}
 
 
+@pytest.mark.unit
 def test_learned_baselines_beat_the_kernel_on_a_small_pool(small, knowledge):
     scores = {}
     for method in ("kernel", "twoside", "ranker"):
@@ -188,11 +197,13 @@ def test_learned_baselines_beat_the_kernel_on_a_small_pool(small, knowledge):
     assert scores["twoside"][1] > scores["kernel"][1] and scores["ranker"][0] > scores["kernel"][0], scores
 
 
+@pytest.mark.unit
 def test_importance_needs_the_ranker():
     proc = run_cli("baseline", "--method", "kernel", "--importance")
     assert proc.returncode == 2 and "--importance needs --method ranker" in proc.stderr
 
 
+@pytest.mark.unit
 def test_learned_baselines_under_a_holdout_learn_from_the_other_lines(small, knowledge):
     jurkat = load_truth(DataConfig())
     jurkat = jurkat[(jurkat["cell_line"] == "jurkat") & jurkat["pert"].isin(small["pert"].unique()[:120])]

@@ -9,6 +9,8 @@ import yaml
 from synthpert.config import load_config
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 
 def _prepared(raw: dict) -> dict:
     from ray.autoscaler._private.util import prepare_config, validate_config

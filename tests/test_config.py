@@ -6,6 +6,8 @@ from synthpert.config import Config, load_config
 from synthpert.errors import SynthPertError
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"

@@ -7,6 +7,8 @@ from synthpert.config import load_config
 from synthpert.errors import SynthPertError
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.unit
+
 CONFIGS = REPO / "configs"
 PAPER = ("paper.yaml", "paper_rpe1.yaml")
 

@@ -14,6 +14,8 @@ from synthpert.data.files import VENDOR_DIR
 from synthpert.errors import SynthPertError
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.unit
+
 # /work/shared/data/README.md: (DE train, DE test, dir train, dir test, share up in dir train, in dir test)
 README_COUNTS = {
     "k562": (134_467, 23_212, 16_861, 3_119, 0.655, 0.811),

@@ -21,6 +21,8 @@ from synthpert.evaluate import (
 )
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.unit
+
 UP, DOWN, NONE = LABELS
 
 

@@ -61,6 +61,7 @@ def _records(frame: pd.DataFrame) -> list[dict]:
     return frame.astype(object).where(frame.notna(), None).to_dict("records")
 
 
+@pytest.mark.unit
 def test_keep_rule_checks_cheap_things_first_and_counts_add_up():
     row = {"teacher_error": None, "reasoning": "because", "answer": "upregulated", "label": "upregulated"}
     assert judge.precheck(row, True) is None
@@ -92,6 +93,8 @@ def _assert_secret_nowhere(roots: list[Path], *texts: str) -> None:
                 assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     monkeypatch.setenv("FAKE_PROVIDER_KEY", SECRET)
@@ -191,6 +194,7 @@ def _finished(cache_path: Path) -> set[str]:
         cache.close()
 
 
+@pytest.mark.slow
 def test_cli_resumes_after_kill_9_exactly_once_without_repaying_or_leaking_the_key(tmp_path):
     out = tmp_path / "traces"
     with FakeAPI(free_port(), Faults(rate_429=0.1, retry_after_s=0.2, seed=2), latency_s=0.25) as api:
@@ -223,6 +227,9 @@ def test_cli_resumes_after_kill_9_exactly_once_without_repaying_or_leaking_the_k
     _assert_secret_nowhere([tmp_path, *ray_sessions], killed_out, killed_err, stdout, stderr)
 
 
+@pytest.mark.ray
+@pytest.mark.serve
+@pytest.mark.slow
 def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, tmp_path, monkeypatch, embedded_model):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(
@@ -252,6 +259,7 @@ def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, t
     assert len(sft) == summary["accepted"] == len(judged)
 
 
+@pytest.mark.unit
 def test_cli_rejects_bad_input_with_exit_2():
     from tests.conftest import run_cli
 

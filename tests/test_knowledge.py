@@ -7,6 +7,8 @@ from synthpert.config import KnowledgeConfig
 from synthpert.data import Knowledge, jaccard, load_pairs
 from synthpert.errors import SynthPertError
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def knowledge():

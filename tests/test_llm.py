@@ -30,6 +30,7 @@ async def _ask(client: LLMClient, n: int):
         await client.aclose()
 
 
+@pytest.mark.unit
 def test_faults_are_retried_per_retry_after_and_final_errors_recorded(tmp_path):
     faults = Faults(rate_429=0.2, retry_after_s=0.4, rate_500=0.15, rate_hang=0.04, hang_s=2.0, rate_drop=0.08,
                     rate_dead=0.05, rate_malformed=0.1, seed=3)
@@ -64,6 +65,7 @@ def test_faults_are_retried_per_retry_after_and_final_errors_recorded(tmp_path):
     assert sum(r.error is not None for r in results) >= seen["dead"] // (endpoint.max_retries + 1) > 0
 
 
+@pytest.mark.unit
 def test_cache_answers_finished_calls_without_a_request(tmp_path):
     endpoint = EndpointConfig(model="fake-teacher", max_concurrency=8, max_retries=1)
     with FakeAPI(free_port(), Faults(rate_dead=0.2, seed=1)) as api:
@@ -80,6 +82,7 @@ def test_cache_answers_finished_calls_without_a_request(tmp_path):
         assert api.answered_total() == answered + (0 if 0 in errored else 1)
 
 
+@pytest.mark.unit
 def test_the_cache_key_names_who_answers():
     """Same model name, same question: another address, or our own endpoint serving other weights
     (whatever port it is on this time), is another call."""
@@ -91,6 +94,7 @@ def test_the_cache_key_names_who_answers():
     assert key("http://127.0.0.1:1/v1", ours) == key("http://127.0.0.1:2/v1", ours) != key("http://127.0.0.1:1/v1", other)
 
 
+@pytest.mark.unit
 def test_concurrency_and_rate_caps_hold(tmp_path):
     with FakeAPI(free_port(), latency_s=0.15) as api:
         asyncio.run(_ask(LLMClient(EndpointConfig(model="m", max_concurrency=8), api.base_url, share=0.5), 24))
@@ -130,6 +134,7 @@ CallCache(sys.argv[1]).put(sys.argv[2], "m", {})
 """
 
 
+@pytest.mark.slow  # several interpreters started at once
 def test_processes_opening_a_new_cache_at_the_same_instant_all_wait_their_turn(tmp_path):
     """Ray actors start together: sqlite refuses a concurrent switch to WAL without waiting."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -146,6 +151,7 @@ def test_processes_opening_a_new_cache_at_the_same_instant_all_wait_their_turn(t
         assert len(CallCache(path)) == 8
 
 
+@pytest.mark.slow  # writer processes, one killed with SIGKILL
 def test_cache_is_durable_under_kill_9_and_concurrent_writers(tmp_path):
     path = tmp_path / "calls.sqlite"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

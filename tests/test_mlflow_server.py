@@ -3,9 +3,12 @@ loopback, written to through synthpert.tracking and read back through the MLflow
 
 import mlflow
 from mlflow import MlflowClient
+import pytest
 
 from synthpert import tracking
 from synthpert.config import load_config
+
+pytestmark = pytest.mark.slow
 
 
 def test_stage_run_artifacts_and_registry_alias_through_the_server(mlflow_server, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from synthpert.errors import SynthPertError
 from synthpert.models import embedded_gguf, resolve_model
 
 
+@pytest.mark.slow
 def test_embedded_model_is_a_plain_hf_folder(embedded_model):
     assert embedded_gguf().is_file()
     assert resolve_model(None) == embedded_model == resolve_model("embedded")
@@ -11,6 +12,7 @@ def test_embedded_model_is_a_plain_hf_folder(embedded_model):
     assert (embedded_model / "chat_template.jinja").is_file() or "chat_template" in (embedded_model / "tokenizer_config.json").read_text()
 
 
+@pytest.mark.unit
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(SynthPertError, match="not a model directory"):
         resolve_model(tmp_path / "nope")

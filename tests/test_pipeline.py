@@ -16,6 +16,7 @@ from tests.conftest import run_cli
 STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
 
 
+@pytest.mark.unit
 def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}"])
     calls = []
@@ -51,6 +52,7 @@ def _registry(cfg, name: str, versions: int) -> MlflowClient:
     return client
 
 
+@pytest.mark.unit
 def test_champion_moves_only_to_a_better_version(tmp_path):
     client = _registry(load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]), "student", 3)
     first = tracking.promote_if_better("student", "1", 0.60, "champion")
@@ -84,6 +86,7 @@ def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
     return {"dir": str(out), "sha256": outputs["predictions"]["sha256"]}
 
 
+@pytest.mark.slow
 def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     """The champion is chosen on validation: scrambling every test label changes the test metrics
     and nothing about the choice; a version better on test but worse on validation is not promoted."""
@@ -116,12 +119,17 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     assert client.get_model_version("synthpert-student", "2").tags["synthpert.validation.auroc_de"] == "0.6"
 
 
+@pytest.mark.unit
 def test_hold_out_runs_register_under_their_own_name():
     assert tracking.registered_name(load_config(None)) == "synthpert-student"
     assert tracking.registered_name(load_config(None, ["train.mode=raw"])) == "synthpert-student-raw"
     assert tracking.registered_name(load_config("configs/paper_rpe1.yaml")) == "synthpert-student-holdout-rpe1"
 
 
+@pytest.mark.ray
+@pytest.mark.serve
+@pytest.mark.train
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_server, tmp_path):
     """configs/local.yaml, shrunk: submitted to a real Ray head, tracked on a real MLflow server."""

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from synthpert.config import load_config
 from synthpert.pipeline import MODES, Pipeline, models_to_evaluate, plan, stage_key
 from tests.conftest import REPO, run_cli
+
+pytestmark = pytest.mark.unit
 
 LOCAL = REPO / "configs" / "local.yaml"
 STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]

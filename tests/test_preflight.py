@@ -8,11 +8,15 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from synthpert import preflight
 from synthpert.config import load_config
 from synthpert.pipeline import Pipeline, models_to_evaluate, pending, stage_key
 from tests.conftest import REPO, free_port, run_cli
 from tests.fake_api import FakeAPI
+
+pytestmark = pytest.mark.unit
 
 PAPER = REPO / "configs" / "paper.yaml"
 LOCAL = REPO / "configs" / "local.yaml"

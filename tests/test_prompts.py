@@ -6,6 +6,8 @@ from synthpert.errors import SynthPertError
 from synthpert.config import GenerateConfig
 from synthpert.prompts import PromptSet, format_answer, parse_answer, parse_grade, parse_trace, student_messages
 
+pytestmark = pytest.mark.unit
+
 PROMPTS = PromptSet.from_config()
 teacher_messages, judge_messages = PROMPTS.teacher, PROMPTS.judge
 

@@ -14,6 +14,8 @@ import pytest
 from synthpert.config import ServeConfig
 from tests.serving_util import make_lora_adapters
 
+pytestmark = pytest.mark.serve
+
 KEY = "test-key-not-a-secret"
 LABELS = ["upregulated", "downregulated", "not differentially expressed"]
 QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]

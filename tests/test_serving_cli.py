@@ -13,15 +13,19 @@ import threading
 import time
 
 import openai
+import pytest
 
 from tests.conftest import REPO, free_port, run_cli
 
 
+@pytest.mark.unit
 def test_bad_adapter_spec_exits_2():
     proc = run_cli("serve", "--adapter", "no-equals-sign")
     assert proc.returncode == 2 and "NAME=PATH_OR_URI" in proc.stderr
 
 
+@pytest.mark.serve
+@pytest.mark.slow
 def test_serve_config_file_with_port_and_adapter(tmp_path):
     adapter = tmp_path / "student"
     adapter.mkdir()  # listed only; adapters load on first use

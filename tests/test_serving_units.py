@@ -11,6 +11,7 @@ from synthpert.serving.protocol import ChatRequest, Sampling
 from tests.serving_util import make_lora_adapters
 
 
+@pytest.mark.unit
 def test_adapter_specs_and_names():
     assert parse_adapter_specs(["a=/x", "b=models:/student@champion"]) == {"a": "/x", "b": "models:/student@champion"}
     with pytest.raises(SynthPertError, match="NAME=PATH_OR_URI"):
@@ -19,11 +20,13 @@ def test_adapter_specs_and_names():
         check_adapter_names({"base": "/x"}, "base")
 
 
+@pytest.mark.unit
 def test_local_adapter_must_be_a_peft_folder(tmp_path):
     with pytest.raises(SynthPertError, match="adapter_config.json"):
         resolve_adapter(str(tmp_path))
 
 
+@pytest.mark.unit
 def test_request_rules():
     msgs = [{"role": "user", "content": "hi"}]
     assert ChatRequest(model="m", messages=msgs, stop="x").stop == ["x"]
@@ -64,6 +67,7 @@ def _decode(engine, jobs, late=()):
     return texts
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(engine):
     from synthpert.serving.hf_engine import Job
 
@@ -75,6 +79,7 @@ def test_batched_greedy_equals_one_at_a_time(engine):
     assert [batched["early", 0], batched["early", 1], batched["late", 0], batched["late", 1]] == alone
 
 
+@pytest.mark.slow
 def test_a_cancelled_request_leaves_the_batch(engine):
     """Serve keeps decoding for callers that have gone; a cancelled job must stop costing steps."""
     from synthpert.serving.hf_engine import Decoding, Job
@@ -97,6 +102,7 @@ def test_a_cancelled_request_leaves_the_batch(engine):
     assert text == _decode(engine, [keep])["early", 0]
 
 
+@pytest.mark.slow
 def test_loglikelihood_ranks_the_obvious_answer(engine):
     from synthpert.serving.hf_engine import continuation_pairs
 
@@ -111,6 +117,7 @@ def test_loglikelihood_ranks_the_obvious_answer(engine):
     assert paris > banana
 
 
+@pytest.mark.slow
 def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_model):
     import mlflow
 
@@ -134,6 +141,7 @@ def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_mo
         resolve_adapter("models:/student@nope")
 
 
+@pytest.mark.slow
 def test_shared_prefix_loglikelihoods_equal_one_full_pass_per_choice(engine):
     """The prompt runs once for all choices: the scores must equal scoring each (context +
     continuation) alone, also when one context is a token shorter (a merge across the boundary)."""
@@ -151,6 +159,7 @@ def test_shared_prefix_loglikelihoods_equal_one_full_pass_per_choice(engine):
     assert engine.loglikelihoods(pairs, None) == pytest.approx([alone(*p) for p in pairs], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_scoring_after_a_generation_reuses_its_kv_cache(engine):
     """guided_choice after the model's own text (the teacher's answer, the judge's grade, a label
     after the reasoning) prefills only the new tokens: same scores, with the cache hit."""

@@ -14,6 +14,8 @@ import pytest
 from synthpert.config import ServeConfig
 from tests.serving_util import make_lora_adapters
 
+pytestmark = pytest.mark.serve
+
 pytest.importorskip("vllm")
 
 LABELS = ["upregulated", "downregulated", "not differentially expressed"]

@@ -2,9 +2,12 @@
 
 import mlflow
 import pandas as pd
+import pytest
 
 from synthpert import tracking
 from synthpert.config import load_config
+
+pytestmark = pytest.mark.unit
 
 
 def _cfg(tmp_path, *extra):

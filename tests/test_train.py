@@ -98,6 +98,7 @@ def assert_adapter_matches_memory(output: Path, base: Path) -> None:
 # ---------------------------------------------------------------- token masks, packing, collate
 
 
+@pytest.mark.unit
 def test_cot_labels_cover_only_the_assistant_turn(tokenizer):
     messages = chat(7, "upregulated")
     ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
@@ -108,6 +109,7 @@ def test_cot_labels_cover_only_the_assistant_turn(tokenizer):
     assert unmasked == ids
 
 
+@pytest.mark.unit
 def test_raw_mode_labels_only_the_answer_tag(tokenizer):
     """raw: the same tuple, the cot student's very user turn (context included), and only
     `<answer>label</answer>` to learn."""
@@ -126,6 +128,7 @@ def test_raw_mode_labels_only_the_answer_tag(tokenizer):
             assert texts == sorted(a + "<|im_end|>\n" for a in answers)
 
 
+@pytest.mark.unit
 def test_truncation_keeps_prefix_and_drops_examples_without_answer_tokens(tokenizer):
     messages = chat(1, "downregulated")
     ids, labels = tokenize_chat(tokenizer, messages, max_seq_len=512)
@@ -135,6 +138,7 @@ def test_truncation_keeps_prefix_and_drops_examples_without_answer_tokens(tokeni
     assert tokenize_chat(tokenizer, messages, max_seq_len=first) is None
 
 
+@pytest.mark.slow
 def test_packing_isolates_examples(tokenizer, embedded_model):
     """Packed rows give each example the logits it gets alone: positions restart, no cross-attention."""
     from transformers import AutoModelForCausalLM
@@ -161,6 +165,7 @@ def test_packing_isolates_examples(tokenizer, embedded_model):
     torch.testing.assert_close(packed[first_len:], alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.unit
 def test_collate_pads_as_a_separate_segment(tokenizer):
     batch = collate({"input_ids": [[5, 6, 7], [8]], "labels": [[5, 6, 7], [IGNORE]], "segments": [[3], [1]]}, pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
@@ -183,6 +188,7 @@ def test_collate_pads_as_a_separate_segment(tokenizer):
         ("bad_targets", "LoRA target modules ['qkv_proj']"),
     ],
 )
+@pytest.mark.unit
 def test_bad_input_fails_before_training(tmp_path, case, message):
     import ray
 
@@ -206,6 +212,7 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_cli_reports_bad_input_and_exits_2(tmp_path):
     proc = run_cli("train", "--data", str(tmp_path / "nothing"), "--mode", "cot", "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
@@ -263,6 +270,8 @@ def kill_a_worker_after_first_checkpoint(output: Path, timeout: float) -> tuple[
     return watcher, killed
 
 
+@pytest.mark.train
+@pytest.mark.slow
 def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_path, embedded_model):
     """ZeRO-3 partitions every weight across the 2 workers. A worker killed after the first
     checkpoint is restarted by Ray Train (FailureConfig) from that ZeRO-3 checkpoint; the saved
@@ -284,6 +293,8 @@ def test_zero3_survives_a_killed_worker_and_saves_gathered_adapter(traces, tmp_p
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)
 
 
+@pytest.mark.train
+@pytest.mark.slow
 def test_zero2_worker_killed_then_resumed_continues_and_registers(traces, tmp_path, embedded_model):
     """No restarts left (max_failures=0): a worker killed after the first checkpoint ends the run
     with exit 2 and one line (worker, cause, --resume, log); --resume continues the step counter

@@ -63,6 +63,7 @@ def loss_and_grads(model, loss):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.unit
 def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_llama):
     """Same loss and LoRA gradients as transformers' loss on the same batch (chunks of 5 of the 44
     labelled positions, the last one ragged), with and without gradient checkpointing."""
@@ -78,6 +79,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(tiny_llama):
             torch.testing.assert_close(grad, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.unit
 def test_chunked_loss_keeps_no_vocabulary_sized_tensor_for_backward(tiny_llama):
     """What autograd stores until backward: transformers' loss keeps [batch, seq, vocab] logits;
     the chunked loss keeps no tensor with a vocabulary dimension (each chunk is recomputed) but
@@ -103,6 +105,7 @@ def test_chunked_loss_keeps_no_vocabulary_sized_tensor_for_backward(tiny_llama):
     assert vocab_sized_saved(lambda: causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["position_ids"], chunk=5)) == 0
 
 
+@pytest.mark.unit
 def test_lora_model_trains_with_sdpa_dropout_and_checkpointing_on(tiny_llama):
     """from_pretrained returns eval mode, where LoRA dropout and gradient checkpointing are off:
     the training model must be in training mode, with SDPA attention."""
@@ -111,6 +114,7 @@ def test_lora_model_trains_with_sdpa_dropout_and_checkpointing_on(tiny_llama):
     assert model.training and base.model.gradient_checkpointing and base.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.unit
 def test_model_shape_reads_sizes_without_weights(tiny_llama):
     """params / LoRA parameter counts from the config alone equal the loaded PEFT model's."""
     cfg = TrainConfig(lora_r=4)
@@ -130,6 +134,7 @@ def peak(shape, cfg, micro, checkpointing, longest=1024) -> int:
     return sum(estimate_peak(shape, cfg, cfg.num_workers, micro, longest, checkpointing).values())
 
 
+@pytest.mark.unit
 def test_memory_plan_checkpoints_then_lowers_the_micro_batch_then_refuses(smollm_shape):
     """Defaults (2 workers, batch 4, rows of 1024 tokens): ample memory keeps the configuration;
     less turns checkpointing on; less lowers the micro-batch keeping the effective batch, with a
@@ -154,6 +159,7 @@ def test_memory_plan_checkpoints_then_lowers_the_micro_batch_then_refuses(smollm
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.unit
 def test_memory_plan_respects_checkpointing_turned_off(smollm_shape):
     cfg = TrainConfig(gradient_checkpointing=False)
     plan = plan_memory(smollm_shape, cfg, 1024, (peak(smollm_shape, cfg, 1, False), "test"))
@@ -164,6 +170,7 @@ def test_memory_plan_respects_checkpointing_turned_off(smollm_shape):
     assert on_gpu.gradient_checkpointing and on_gpu.estimate is None
 
 
+@pytest.mark.unit
 def test_worker_budget_reads_ray_nodes(monkeypatch):
     """Ray's memory figure per node, shared by the workers its CPUs host; the override wins."""
     import ray
@@ -181,6 +188,7 @@ def test_worker_budget_reads_ray_nodes(monkeypatch):
     assert per_worker == pytest.approx(0.9 * 2e9 / 4) and "train.memory_budget_gb" in where
 
 
+@pytest.mark.unit
 def test_killed_worker_is_one_line_naming_worker_cause_memory_and_log(tmp_path):
     """Ray Train's WorkerGroupError for a worker the memory monitor killed (its peer then fails
     on the broken process group) becomes one line; the full error goes to a log file."""
@@ -226,6 +234,7 @@ def long_traces(tmp_path_factory):
     return write_traces(tmp_path_factory.mktemp("long-traces"), n=8, repeat=LONG)
 
 
+@pytest.mark.slow  # the training CLI up to its memory check: ~100 s on a loaded box
 def test_too_little_memory_refuses_before_any_worker_starts(long_traces, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--data", str(long_traces), "--mode", "cot", "--output", str(out), "--json",
@@ -237,6 +246,8 @@ def test_too_little_memory_refuses_before_any_worker_starts(long_traces, tmp_pat
     assert not (out / "ray").exists() and proc.stdout.strip() == ""
 
 
+@pytest.mark.train
+@pytest.mark.slow
 def test_zero3_defaults_train_rows_of_1024_tokens_within_the_estimate(long_traces, tmp_path):
     """The issue's command (defaults, ZeRO-3, 2 workers) on rows of 1024 tokens, one step: it
     completes, prints its JSON, and every worker's peak RSS stays within the pre-flight estimate."""
