@@ -146,3 +146,14 @@ def wait_job(client, job_id: str, timeout: float = 180):
             pytest.fail(f"job {job_id} still {status} after {timeout} s:\n{client.get_job_logs(job_id)}")
         time.sleep(1)
     return status, client.get_job_logs(job_id)
+
+
+TIERS = {"unit", "ray", "serve", "train", "slow"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to a tier (pyproject's markers): an unmarked test would silently fall
+    out of `pytest -m unit` and of every other selection."""
+    untiered = [item.nodeid for item in items if not TIERS & {m.name for m in item.iter_markers()}]
+    if untiered:
+        raise pytest.UsageError(f"tests without a tier marker ({', '.join(sorted(TIERS))}): {', '.join(untiered)}")

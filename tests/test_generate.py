@@ -269,6 +269,8 @@ def test_cli_rejects_bad_input_with_exit_2():
     assert proc.returncode == 2 and "--cell-line or --split" in proc.stderr
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_budget_stops_sending_then_a_bigger_budget_finishes_without_repaying(ray_local, tmp_path, monkeypatch):
     from synthpert.errors import SynthPertError
     from synthpert.llm.client import BUDGET_REFUSED, prompt_tokens_estimate
