@@ -224,6 +224,10 @@ class EvaluateConfig(Section):
     twoside_lams: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0, 2.0])  # read-out smoothing strengths tried (0: the kernel)
     twoside_neighbours: int = Field(20, ge=1)  # read-out genes pooled with G (its most similar by training responses)
     ranker_rounds: int = Field(1000, ge=1)  # boosting rounds at most; early stopping on the held-out fold picks fewer
+    # the non-LLM baselines the pipeline's report shows beside the LLMs (always-"not DE" always;
+    # "transfer" is added under holdout:<line>)
+    baselines: list[Literal["retrieval", "kernel", "twoside", "ranker"]] = Field(
+        default_factory=lambda: ["retrieval", "kernel", "twoside", "ranker"])
 
 
 class TrackingConfig(Section):

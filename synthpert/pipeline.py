@@ -317,7 +317,7 @@ def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) 
     from synthpert.baselines import go_knowledge, run_baseline
 
     knowledge = go_knowledge(cfg.evaluate, cfg.data.data_dir)  # read once for every method
-    methods = ["retrieval", "kernel", "twoside", "ranker"] + (["transfer"] if cfg.data.split.startswith("holdout:") else [])
+    methods = [*cfg.evaluate.baselines, *(["transfer"] if cfg.data.split.startswith("holdout:") else [])]
     asked = asked[["cell_line", "pert", "gene"]].astype(str).reset_index(drop=True)
     out = {"trivial": asked.assign(p_up=0.0, p_down=0.0, p_none=1.0, answer=LABELS[2])}
     for method in methods:
