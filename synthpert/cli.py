@@ -272,6 +272,7 @@ def pipeline(
     set_: list[str] = SetOpt,
     check: bool = typer.Option(False, "--check", help="Only the pre-flight: keys, endpoints, model paths, GPUs, folders."),
     plan: bool = typer.Option(False, "--plan", help="Only say what would run: every stage, its key, run or skip and why."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print Ray, Serve, DeepSpeed, MLflow output here (default: RUN_DIR/logs/)."),
     json_: bool = JsonOpt,
 ) -> None:
     """The whole SynthPert pipeline: traces -> train cot + raw -> predict -> evaluate -> register -> report.
@@ -299,7 +300,7 @@ def pipeline(
         return
     from synthpert.pipeline import run
 
-    result = run(cfg)
+    result = run(cfg, verbose=verbose)
     typer.echo(f"ran {result['ran'] or 'nothing'}; skipped {result['skipped'] or 'nothing'}; report: {result['report']}", err=True)
     if json_:
         emit_json(result)

@@ -49,7 +49,11 @@ def ray_session(num_cpus: float | None = None) -> Iterator[None]:
         "object_store_memory": LOCAL_OBJECT_STORE,
         "include_dashboard": False,
     }
-    ray.init(address=address or "local", runtime_env=code_env(), **local)
+    from synthpert import console
+
+    # under the pipeline's console the workers' lines stay in Ray's session logs (linked from the run's logs/)
+    context = ray.init(address=address or "local", runtime_env=code_env(), log_to_driver=not console.quiet(), **local)
+    console.ray_started(context.address_info["session_dir"])
     try:
         yield
     finally:

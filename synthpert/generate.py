@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,13 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import SecretStr
 
-from synthpert import estimate, prompts, tracking
+from synthpert import console, estimate, prompts, tracking
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.cluster import ray_session
 from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
-from synthpert.llm.actor import LLMActor, map_with_actors
+from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
 from synthpert.llm.cache import CallCache
 from synthpert.llm.client import BUDGET_REFUSED, CallResult
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
@@ -183,10 +182,12 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
     )
     frames = []
+    console.total(len(tuples))
     with tqdm(total=len(tuples), desc="traces", unit="row", disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             frames.append(batch)
             bar.update(len(batch))
+            report_batch(batch, ("teacher", "judge"))
     attempts = pd.concat(frames, ignore_index=True)
     if sorted(attempts["tuple_id"]) != sorted(tuples["tuple_id"]):
         raise RuntimeError(f"rows in ({len(tuples)}) != rows out ({len(attempts)}) or a row came back twice")
@@ -268,7 +269,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     output = Path(g.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     cost = estimate.estimate(tuples, g, g.cache_path or output / "calls.sqlite")
-    print(estimate.describe(cost, g.max_cost_usd), file=sys.stderr)
+    console.note(estimate.describe(cost, g.max_cost_usd))
     with contextlib.ExitStack() as stack:
         own = None
         if g.teacher.base_url is None or g.judge.base_url is None:

@@ -27,7 +27,7 @@ import pandas as pd
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from synthpert import prompts, tracking
+from synthpert import console, prompts, tracking
 from synthpert.artifacts import _atomic_write, read_manifest
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
@@ -139,14 +139,17 @@ class Pipeline:
         finished = self.result(name, key)
         if finished is not None:
             self.skipped.append(name)
+            console.finish(name, "skipped", 0.0, finished["dir"])
             return finished
         out = self.root / f"{name}-{key}"
         done = out / STAGE_FILE
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
+        console.start(name)
         result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2), "inputs": inputs}
         _atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, sort_keys=True, default=str)))
         self.ran.append(name)
+        console.finish(name, "ran", result["wall_s"], out)
         return result
 
     def is_done(self, name: str, key: str) -> bool:
@@ -389,17 +392,19 @@ def pending(cfg: Config) -> list[str]:
     return [step.stage for step in plan(cfg) if step.action == "run" and step.stage.startswith(("traces", "train-", "predict-"))]
 
 
-def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
+def run(cfg: Config, verbose: bool = True) -> dict[str, Any]:
     """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is.
-    The pre-flight runs first: a missing key, model, GPU or folder stops it before anything starts."""
+    The pre-flight runs first: a missing key, model, GPU or folder stops it before anything starts
+    (or is created: the console's log folder too). Not `verbose`: the console's view, the
+    libraries' output in `<run_dir>/logs/`."""
     from synthpert import preflight
     from synthpert.cluster import ray_session
     from synthpert.serving.app import cluster_cpus
 
     preflight.require(cfg)
-    pipeline = Pipeline(cfg, progress)
+    pipeline = Pipeline(cfg, progress=verbose)
     needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
-    with ray_session(needs), tracking.pipeline_run(cfg) as parent_id:
+    with console.session(cfg.run_dir, verbose=verbose), ray_session(needs), tracking.pipeline_run(cfg) as parent_id:
         traces = pipeline.traces()
         trained = {mode: pipeline.train(traces, mode) for mode in MODES}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))

@@ -21,12 +21,12 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from synthpert import prompts
+from synthpert import console, prompts
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
 from synthpert.generate import ANSWER_OPEN, endpoint_identity
-from synthpert.llm.actor import LLMActor, map_with_actors
+from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
 from synthpert.llm.client import CallResult
 from synthpert.llm.prefill import CONTINUE, continue_with
 
@@ -169,7 +169,12 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
         base_url=base_url, api_key=api_key, identity=endpoint_identity(endpoint, cfg), cache_path=output / "calls.sqlite", mode=mode, score=score,
         direction=cfg.evaluate.direction,
     )
-    frame = pd.concat(list(ds.iter_batches(batch_size=None, batch_format="pandas")), ignore_index=True)
+    console.total(len(tuples))
+    frames = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        frames.append(batch)
+        report_batch(batch, (PredictActor.prefix,))
+    frame = pd.concat(frames, ignore_index=True)
     if len(frame) != len(tuples):
         raise RuntimeError(f"rows in ({len(tuples)}) != rows out ({len(frame)})")
     schema = pa.schema([(c, pa.string()) for c in ("tuple_id", "cell_line", "pert", "gene", "label", "split")] + PredictActor.output_fields())

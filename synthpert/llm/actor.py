@@ -117,3 +117,13 @@ def map_with_actors(
             max_tasks_in_flight_per_actor=2 * concurrent_batches,
         ),
     )
+
+
+def report_batch(batch, prefixes: tuple[str, ...]) -> None:
+    """A finished batch (pandas) to the pipeline's console: rows, calls sent, tokens, cost, rows with an error."""
+    from synthpert import console
+
+    column = lambda name: sum(float(batch[f"{p}_{name}"].fillna(0).sum()) for p in prefixes)  # noqa: E731
+    errors = sum(batch[f"{p}_error"].notna() for p in prefixes)
+    console.update(rows=len(batch), calls=int(column("called")), tokens=int(column("tokens_in") + column("tokens_out")),
+                   cost_usd=column("cost_usd"), errors=int((errors > 0).sum()) if len(batch) else 0)

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import traceback
 from dataclasses import asdict
 from functools import lru_cache
@@ -22,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from synthpert import tracking
+from synthpert import console, tracking
 from synthpert.artifacts import read_manifest, write_manifest
 from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, TrainConfig
@@ -253,7 +252,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
         budget = None if tc.use_gpu else worker_budget(tc)
         memory = plan_memory(shape, tc, counts["longest_row"], budget, full_logits=_full_logits)
         if memory.note:
-            print(memory.note, file=sys.stderr, flush=True)
+            console.note(memory.note)
         tc = memory.apply(tc)
         steps = make_plan(tc, counts)
         plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id,
