@@ -266,6 +266,34 @@ def train_cmd(
         emit_json(summary)
 
 
+@app.command("predict")
+def predict_cmd(
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter: a PEFT folder or models:/NAME@ALIAS (default: the base model)."),
+    mode: str = typer.Option("cot", "--mode", help="cot: reason, then answer; raw: the label only (as the adapter was trained)."),
+    split: Optional[str] = SplitOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many tuples per cell line and part (default: evaluate.limit)."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Run folder (default: run_dir); predictions go to OUTPUT/predict-NAME-KEY/."),
+    verbose: bool = typer.Option(False, "--verbose", help="Print Ray and Serve output here (default: OUTPUT/logs/)."),
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """One model over the split's validation and test tuples: predictions.parquet + manifest.json.
+
+    Our endpoint serves the base model (and the adapter). Finished: skipped; re-run after a crash:
+    the finished rows come from the call cache. Score it with `synthpert evaluate --predictions`.
+    """
+    if mode not in ("cot", "raw"):
+        raise SynthPertError(f"--mode must be cot or raw, not {mode!r}")
+    cfg = resolve(config, set_, **{"data.split": split, "evaluate.limit": limit, "run_dir": output})
+    from synthpert.pipeline import predict_one
+
+    result = predict_one(cfg, adapter, mode, verbose=verbose)
+    typer.echo(f"{result['rows']} rows ({result['errored']} errored) by {result['model']}: {result['dir']}/predictions.parquet", err=True)
+    if json_:
+        emit_json(result)
+
+
 @app.command()
 def pipeline(
     config: Optional[Path] = ConfigOpt,

@@ -88,3 +88,9 @@ def resolve_model(path: str | Path | None) -> Path:
     if not (resolved / "config.json").is_file():
         raise SynthPertError(f"model path {resolved} is not a model directory (no config.json there)")
     return resolved
+
+
+def model_name(path: str | Path | None) -> str:
+    """A model's folder name (the embedded model's for its aliases): what an adapter's recorded base
+    model is compared by, so a copy of the same model in another folder or on another node matches."""
+    return EMBEDDED_NAME if path in EMBEDDED_ALIASES else Path(path).name

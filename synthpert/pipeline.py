@@ -328,9 +328,14 @@ def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) 
     return out
 
 
+def served(cfg: Config, name: str) -> EndpointConfig:
+    """Our endpoint's model (or adapter) `name`, asked greedily with the teacher's other settings."""
+    return cfg.generate.teacher.model_copy(update={"base_url": None, "model": name, "temperature": 0.0})
+
+
 def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]:
     """Student (cot adapter), the raw-label baseline, the base model zero-shot, the teacher if remote."""
-    ours = lambda name: cfg.generate.teacher.model_copy(update={"base_url": None, "model": name, "temperature": 0.0})  # noqa: E731
+    ours = functools.partial(served, cfg)
     models = {
         STUDENT: {"endpoint": ours(STUDENT), "mode": "cot", "adapter": trained["cot"]["adapter_path"], "identity": trained["cot"]["key"]},
         RAW: {"endpoint": ours(RAW), "mode": "raw", "adapter": trained["raw"]["adapter_path"], "identity": trained["raw"]["key"]},
@@ -390,6 +395,29 @@ def pending(cfg: Config) -> list[str]:
     outside (traces, training, the prediction stages by model: `predict-teacher`, ...): what the
     pre-flight must check. Evaluation, registration and the report follow from them."""
     return [step.stage for step in plan(cfg) if step.action == "run" and step.stage.startswith(("traces", "train-", "predict-"))]
+
+
+ADAPTER = "adapter"  # the served name of `synthpert predict --adapter`
+
+
+def predict_one(cfg: Config, adapter: str | None = None, mode: str = "cot", verbose: bool = True) -> dict[str, Any]:
+    """`synthpert predict`: the served base model, or a LoRA adapter on it (a local PEFT folder or a
+    `models:/` URI), over the split's validation and test tuples, as the pipeline's predict stage:
+    `<run_dir>/predict-<base|adapter>-<key>/` with predictions.parquet and manifest.json, skipped
+    when finished, and a re-run after a crash answers the finished rows from its call cache. The
+    base model's key is the pipeline's own, so either finds the other's predictions."""
+    from synthpert.cluster import ray_session
+    from synthpert.serving import adapters
+    from synthpert.serving.app import cluster_cpus
+
+    if adapter is not None and not adapter.startswith(adapters.REGISTRY_PREFIX):
+        # a bad folder or another base model fails here, before Serve starts
+        adapter = str(adapters.resolve_adapter(adapter, cfg.serve.model).resolve())
+    name = ADAPTER if adapter else "base"
+    spec = {"endpoint": served(cfg, ADAPTER if adapter else cfg.serve.served_model_name), "mode": mode,
+            "identity": adapter or cfg.serve.model or "embedded", **({"adapter": adapter} if adapter else {})}
+    with console.session(cfg.run_dir, verbose=verbose), ray_session(cluster_cpus(cfg.serve)):
+        return Pipeline(cfg, progress=verbose).predictions({name: spec})[name]
 
 
 def run(cfg: Config, verbose: bool = True) -> dict[str, Any]:

@@ -14,6 +14,7 @@ STAGE_SCRIPTS = {
     "data_stats": ["data", "stats"],
     "baseline": ["baseline"],
     "evaluate": ["evaluate"],
+    "predict": ["predict"],
     "serve": ["serve"],
     "generate": ["generate"],
     "train": ["train"],

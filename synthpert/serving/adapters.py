@@ -13,10 +13,11 @@ replica's environment.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from synthpert.errors import SynthPertError
-from synthpert.models import cache_dir
+from synthpert.models import cache_dir, model_name
 from synthpert.serving.protocol import APIError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -43,14 +44,27 @@ def check_adapter_names(adapters: dict[str, str], served_model_name: str) -> Non
             raise SynthPertError(f"adapter name {name!r} must be non-empty, without spaces or ':'")
 
 
-def resolve_adapter(ref: str) -> Path:
-    """A local PEFT adapter folder for a config value (local path or `models:/…` URI)."""
+def resolve_adapter(ref: str, base_model: str | None | object = ...) -> Path:
+    """A local PEFT adapter folder for a config value (local path or `models:/…` URI); given the
+    served `base_model` (serve.model), one trained on another base model is refused."""
     if ref.startswith(REGISTRY_PREFIX):
-        return _from_registry(ref)
-    path = Path(ref).expanduser()
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise SynthPertError(f"adapter path {path} is not a PEFT adapter folder (no {ADAPTER_CONFIG} there)")
+        path = _from_registry(ref)
+    else:
+        path = Path(ref).expanduser()
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise SynthPertError(f"adapter path {path} is not a PEFT adapter folder (no {ADAPTER_CONFIG} there)")
+    if base_model is not ...:
+        check_base_model(ref, path, base_model)
     return path
+
+
+def check_base_model(ref: str, path: Path, base_model: str | None) -> None:
+    """An adapter of the right shapes loads on another base model too, and then answers garbage
+    without a word: its recorded base model (adapter_config.json) must be the one served."""
+    trained_on = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if trained_on and model_name(trained_on) != model_name(base_model):
+        raise SynthPertError(f"adapter {ref} was trained on {trained_on}, but this endpoint serves "
+                             f"{base_model or 'the embedded model'} (serve.model): serve it on its own base model")
 
 
 def _from_registry(uri: str) -> Path:

@@ -438,7 +438,7 @@ class HFServer:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def _load_adapter(self, name: str) -> "_LoadedAdapter":
-        path = await self._call(resolve_adapter, self.cfg.adapters[name])
+        path = await self._call(resolve_adapter, self.cfg.adapters[name], self.cfg.model)
         await self._call(self.engine.add_adapter, name, path)
         return _LoadedAdapter(self, name)
 
