@@ -236,7 +236,7 @@ def test_metrics_count_requests_tokens_ttft_and_engine(endpoint, client):
     assert value(after, "synthpert_queue_depth") == 0 and value(after, "synthpert_drain_rate") > 0
     engine = {labels: v for (name, labels), v in after.items() if name == "synthpert_batch_size_count"}
     assert engine and all(v > 0 for v in engine.values())
-    assert sum(v for (name, _), v in after.items() if name == "synthpert_adapter_loads_total") >= 2  # ad1, ad2
+    assert sum(v for (name, _), v in after.items() if name == "synthpert_adapter_loads_total") >= 1  # ad1 at least
 
 
 def test_over_capacity_is_503_with_retry_after_from_drain_rate(endpoint):
