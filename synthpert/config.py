@@ -181,9 +181,13 @@ class ServeConfig(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
-    max_ongoing_requests: int = Field(64, ge=1)  # per engine replica
-    max_queued_requests: int = Field(64, ge=-1)  # beyond ongoing + queued: 503 with Retry-After (-1: no limit)
-    retry_after_s: float = Field(1.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)  # per engine replica; more wait in the engine's queue
+    # admission at the ingress: a request waits while its expected wait (requests ahead / measured
+    # drain rate) fits; beyond it, 503 with Retry-After from the drain rate. Default: well within
+    # the openai client's 600 s timeout
+    max_queue_wait_s: float = Field(300.0, gt=0)
+    # `synthpert serve` on SIGTERM/SIGINT: new requests get 503, in-flight ones finish up to this
+    drain_timeout_s: float = Field(15.0, ge=0)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
     # transformers on CPU: compute threads per replica (None: the CPUs it reserves). More than it

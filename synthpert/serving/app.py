@@ -5,25 +5,28 @@
                            HFServer (transformers, @serve.batch)  or  VllmServer (ray.serve.llm)
 
 The ingress does everything that must behave the same whatever the engine: the model list,
-API-key auth, OpenAI-style errors, the context-length check, and `guided_choice` (scored through
-the engine's `loglikelihoods`). Engines implement three methods: `complete(body, prompt_ids)`,
+API-key auth, OpenAI-style errors, the context-length check, `guided_choice` (scored through
+the engine's `loglikelihoods`), admission by expected wait (synthpert.serving.admission), draining
+on shutdown and Prometheus metrics at `/metrics` (synthpert.serving.metrics). Engines implement three methods: `complete(body, prompt_ids)`,
 `complete_stream(body, prompt_ids)` (SSE lines) and `loglikelihoods(model, prompt_text, prompt_ids,
 choices)` -> [(summed log-probability, tokens)] per choice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -33,10 +36,13 @@ from synthpert.cluster import code_env
 from synthpert.config import ServeConfig, load_config
 from synthpert.models import resolve_model
 from synthpert.serving.adapters import check_adapter_names
+from synthpert.serving.admission import Admission
+from synthpert.serving.metrics import IngressMetrics
 from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, sse
 
 # no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
 api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+CHAT = "/v1/chat/completions"
 
 
 def context_length(model_dir: Path, max_model_len: int) -> int:
@@ -93,6 +99,8 @@ class OpenAIIngress:
         self.created = int(time.time())
         # read in the replica: the key reaches it through the cluster's environment, never the config
         self.api_key = os.environ.get(cfg.api_key_env) or None
+        self.admission = Admission(cfg.max_queue_wait_s)
+        self.metrics = IngressMetrics()
 
     def _authorize(self, request: Request) -> None:
         """Constant-time check of `Authorization: Bearer <key>` when a key is configured."""
@@ -108,45 +116,120 @@ class OpenAIIngress:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/metrics")
+    async def metrics(self, request: Request) -> Any:
+        """Prometheus text format (behind the API key like every route but /healthz)."""
+        try:
+            self._authorize(request)
+        except APIError as exc:
+            return _error(exc)
+        if self.cfg.engine == "transformers":
+            try:  # a saturated engine answers late: keep its last snapshot rather than block the scrape
+                snap = await asyncio.wait_for(self.server.metrics_snapshot.remote(), timeout=2.0)
+                self.metrics.engine[snap["replica"]] = snap
+            except Exception:  # noqa: BLE001 - the scrape still reports everything else
+                pass
+        body = self.metrics.render(self.admission.in_flight, self.admission.rate())
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @api.get("/v1/models")
     async def models(self, request: Request) -> Any:
         try:
             self._authorize(request)
         except APIError as exc:
-            return _error(exc)
+            return self._count("/v1/models", "", _error(exc))
         base = self.cfg.served_model_name
         cards = [{"id": base, "object": "model", "created": self.created, "owned_by": "synthpert",
                   "root": base, "parent": None, "max_model_len": self.max_model_len}]
         cards += [{"id": name, "object": "model", "created": self.created, "owned_by": "synthpert",
                    "root": name, "parent": base, "max_model_len": self.max_model_len}
                   for name in self.cfg.adapters]
-        return {"object": "list", "data": cards}
+        return self._count("/v1/models", "", JSONResponse({"object": "list", "data": cards}))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
+        arrived, model = time.monotonic(), ""
         try:
-            return await self._chat(request)
-        except BackPressureError as exc:
-            retry = max(1, math.ceil(self.cfg.retry_after_s))
-            return _error(APIError(503, f"the server is at capacity, retry in {retry} s ({exc.message})",
-                                   type_="server_overloaded", headers={"Retry-After": str(retry)}))
+            self._authorize(request)
+            req, text, prompt_ids = await self._parse(request)
+            model = req.model
+            return self._count(CHAT, model, await self._admitted(req, text, prompt_ids, arrived))
+        except BackPressureError as exc:  # only when a Serve file bounds the engine's queue again
+            retry = self.admission.retry_after_s()
+            return self._count(CHAT, model, _error(APIError(
+                503, f"the server is at capacity, retry in {retry} s ({exc.message})",
+                type_="server_overloaded", headers={"Retry-After": str(retry)})))
         except Exception as exc:
             cause = getattr(exc, "cause", exc)  # engine errors arrive wrapped in RayTaskError
             if isinstance(cause, APIError):
-                return _error(cause)
+                return self._count(CHAT, model, _error(cause))
+            self.metrics.requests.labels(CHAT, model, "500").inc()
             raise
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests (503) and wait up to `timeout_s` for the admitted ones to finish;
+        returns how many are still in flight. Called by `synthpert serve` on SIGTERM/SIGINT."""
+        self.admission.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.admission.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.admission.in_flight
 
     # ---- work -----------------------------------------------------------------------------
     def _known_models(self) -> list[str]:
         return [self.cfg.served_model_name, *self.cfg.adapters]
 
-    async def _chat(self, request: Request) -> Any:
-        self._authorize(request)
+    def _count(self, route: str, model: str, response: Response) -> Response:
+        self.metrics.requests.labels(route, model, str(response.status_code)).inc()
+        return response
+
+    async def _parse(self, request: Request) -> tuple[ChatRequest, str, list[int]]:
         try:
             body = await request.json()
         except json.JSONDecodeError as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
-        req, text, prompt_ids = prepare(body, self.tokenizer, self.max_model_len, self._known_models())
+        return prepare(body, self.tokenizer, self.max_model_len, self._known_models())
+
+    async def _admitted(self, req: ChatRequest, text: str, prompt_ids: list[int], arrived: float) -> Response:
+        """Run a valid request once admitted; it counts in flight until its answer (or stream) ends."""
+        self.admission.admit()
+        try:
+            out = await self._generate(req, text, prompt_ids)
+        except BaseException:
+            self.admission.release(completed=False)
+            raise
+        if isinstance(out, dict):
+            self.admission.release(completed=True)
+            self.metrics.ttft.labels(req.model, "false").observe(time.monotonic() - arrived)
+            self.metrics.usage(req.model, out.get("usage"))
+            return JSONResponse(out)
+        watched = self._watched(out, req.model, arrived)
+        first = await watched.__anext__()  # started now: abandoned unsent, asyncio still closes it
+
+        async def whole() -> AsyncIterator[str]:
+            yield first
+            async for line in watched:
+                yield line
+
+        return StreamingResponse(whole(), media_type="text/event-stream")
+
+    async def _watched(self, lines: AsyncIterator[str], model: str, arrived: float) -> AsyncIterator[str]:
+        """An SSE stream that records time to first text and usage, and releases its admission."""
+        completed, timed = False, False
+        try:
+            async for line in lines:
+                if not timed and '"content": "' in line and '"content": ""' not in line:
+                    self.metrics.ttft.labels(model, "true").observe(time.monotonic() - arrived)
+                    timed = True
+                if '"usage": {' in line:
+                    self.metrics.usage(model, json.loads(line.removeprefix("data: ")).get("usage"))
+                yield line
+            completed = True
+        finally:
+            self.admission.release(completed)
+
+    async def _generate(self, req: ChatRequest, text: str, prompt_ids: list[int]) -> dict[str, Any] | AsyncIterator[str]:
+        """The engine's answer: a chat.completion body, or (stream) its SSE lines."""
         adapter = "" if req.model == self.cfg.served_model_name else req.model
         server = self.server.options(multiplexed_model_id=adapter)
         if req.guided_choice:
@@ -154,17 +237,18 @@ class OpenAIIngress:
         body = req.model_dump(exclude_none=True)
         if req.stream:
             lines = server.options(stream=True).complete_stream.remote(body, prompt_ids)
-            first = await lines.__anext__()  # surfaces load/backpressure errors as a proper status
+            first = await lines.__anext__()  # surfaces load errors as a proper status
 
-            async def rest() -> Any:
+            async def rest() -> AsyncIterator[str]:
                 yield first
                 async for line in lines:
                     yield line
 
-            return StreamingResponse(rest(), media_type="text/event-stream")
-        return JSONResponse(await server.complete.remote(body, prompt_ids))
+            return rest()
+        return await server.complete.remote(body, prompt_ids)
 
-    async def _guided(self, req: ChatRequest, text: str, prompt_ids: list[int], server: DeploymentHandle) -> Any:
+    async def _guided(self, req: ChatRequest, text: str, prompt_ids: list[int],
+                      server: DeploymentHandle) -> dict[str, Any] | AsyncIterator[str]:
         """Score every choice as a continuation of the prompt; answer with the likeliest (or a sample)."""
         choices = req.guided_choice or []
         longest = max(len(self.tokenizer(c, add_special_tokens=False).input_ids) for c in choices)
@@ -186,16 +270,19 @@ class OpenAIIngress:
             yield deltas
 
         if req.stream:
-            return StreamingResponse(sse(once(), req, len(prompt_ids), **extra), media_type="text/event-stream")
-        return JSONResponse(await assemble(once(), req, len(prompt_ids), **extra))
+            return sse(once(), req, len(prompt_ids), **extra)
+        return await assemble(once(), req, len(prompt_ids), **extra)
 
 
 # ---- building and running the application -------------------------------------------------
 def engine_options(cfg: ServeConfig) -> dict[str, Any]:
-    """Serve options of the engine deployment (a Serve config file may override them)."""
+    """Serve options of the engine deployment (a Serve config file may override them). Its queue is
+    unbounded: the ingress admits by expected wait, and Serve's autoscaler counts the queued
+    requests at the handle (with ongoing ones) against target_ongoing_requests."""
     return {
         "max_ongoing_requests": cfg.max_ongoing_requests,
-        "max_queued_requests": cfg.max_queued_requests,
+        "max_queued_requests": -1,
+        "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
         "autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                                "target_ongoing_requests": cfg.target_ongoing_requests},
     }
@@ -214,10 +301,12 @@ def build_app(cfg: ServeConfig) -> Any:
 
         actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0, "runtime_env": code_env()}
         server = serve.deployment(HFServer, name="HFServer", ray_actor_options=actor, **engine_options(cfg)).bind(dumped)
-    # the ingress is cheap (async); beyond its own limit the proxy answers 503 + Retry-After too
+    # the ingress is cheap (async); every request waits in it for admission, so beyond its own
+    # limit (requests held at once) the proxy answers 503 + Retry-After (the expected-wait bound)
     ingress = OpenAIIngress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests,
                                     max_queued_requests=cfg.ingress_max_ongoing_requests,
-                                    backpressure_config={"status_code": 503, "retry_after_s": cfg.retry_after_s},
+                                    graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+                                    backpressure_config={"status_code": 503, "retry_after_s": cfg.max_queue_wait_s},
                                     ray_actor_options={"num_cpus": 0, "runtime_env": code_env()})
     return ingress.bind(server, dumped)
 

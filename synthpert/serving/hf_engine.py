@@ -25,6 +25,7 @@ from typing import Any
 from ray import serve
 
 from synthpert.serving.adapters import load_error, resolve_adapter
+from synthpert.serving.metrics import EngineMetrics
 from synthpert.serving.protocol import ChatRequest, Delta, Sampling, TokenLogprob, assemble, sse
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -391,6 +392,14 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return next((i for i in range(n) if len({s[i] for s in seqs}) > 1), n)
 
 
+def _replica_id() -> str:
+    """This Serve replica's id ("local" outside a replica, e.g. the in-process benchmark)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - RayServeException outside a replica
+        return "local"
+
+
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -425,6 +434,7 @@ class HFServer:
         self._room = asyncio.Condition()
         self._running = 0  # rows admitted and not finished
         self._stepper: asyncio.Task[None] | None = None
+        self.metrics = EngineMetrics(_replica_id())
 
         async def load(name: str) -> _LoadedAdapter:  # serve.multiplexed wants a plain function
             return await self._load_adapter(name)
@@ -440,9 +450,14 @@ class HFServer:
     async def _load_adapter(self, name: str) -> "_LoadedAdapter":
         path = await self._call(resolve_adapter, self.cfg.adapters[name], self.cfg.model)
         await self._call(self.engine.add_adapter, name, path)
+        self.metrics.adapter_loads += 1
         return _LoadedAdapter(self, name)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        return self.metrics.snapshot()
+
     def evict(self, name: str) -> None:
+        self.metrics.adapter_evictions += 1
         with self._lock:
             if self._in_use[name]:
                 self._evicted.add(name)
@@ -523,6 +538,7 @@ class HFServer:
     async def _step_loop(self) -> None:
         """Decode steps while rows are running; each step's results go to their groups."""
         while self.decoding.rows:
+            self.metrics.step(len(self.decoding.rows))
             try:
                 results = await self._call(self.decoding.step)
             except Exception as exc:  # every running request fails, the replica stays up

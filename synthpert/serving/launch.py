@@ -3,11 +3,16 @@
 Ray is joined if this process is already connected (or RAY_ADDRESS names a cluster); otherwise a
 private local cluster is started (address="local": never another user's cluster). The HTTP proxy
 binds loopback only unless a config says otherwise.
+
+`synthpert serve` stops cleanly on SIGTERM/SIGINT to its process or its whole process group: the
+ingress refuses new requests (503), in-flight ones finish up to `serve.drain_timeout_s`, then Serve
+and the Ray it started are shut down and the process exits 0.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import socket
 import threading
@@ -24,6 +29,7 @@ from synthpert.cluster import ray_session
 from synthpert.serving.app import build_app, cluster_cpus, config_from_args
 
 APP_NAME = "synthpert"
+log = logging.getLogger(__name__)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,6 +112,45 @@ def serve_config_file(path: Path, port: int | None, adapters: dict[str, str], ov
         raise SynthPertError(f"Serve config file {path} is invalid: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _ray_in_own_session() -> Iterator[None]:
+    """Ray processes started in the block (GCS, raylet and, through it, the workers) get a session
+    of their own. A signal to `synthpert serve`'s process group (Ctrl-C in a terminal, a
+    supervisor's SIGTERM) then reaches only this process, which drains and stops them itself;
+    otherwise they die under a shutdown that still waits on them (over 60 s at "Deleting app").
+    They still die with this process (Ray's kill-on-parent-death stays on). Ray's process starter
+    has no option for this, so its Popen class is swapped for the duration of the block."""
+    from ray._private import services
+
+    original = services.ConsolePopen
+
+    class OwnSession(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, start_new_session=True, **kwargs)
+
+    services.ConsolePopen = OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
+
+
+def _drain(names: list[str], timeout_s: float) -> None:
+    """Each application's ingress refuses new requests and waits for the admitted ones, at most
+    `timeout_s` (all applications at once)."""
+    from ray import serve
+
+    calls = {name: serve.get_app_handle(name).drain.remote(timeout_s) for name in names}
+    for name, call in calls.items():
+        try:
+            left = call.result(timeout_s=timeout_s + 5)
+        except Exception as exc:  # noqa: BLE001 - stopping goes on whatever one application does
+            log.warning("could not drain application %s: %s", name, exc)
+            continue
+        if left:
+            log.warning("application %s: %d requests still in flight after %.0f s", name, left, timeout_s)
+
+
 def _wait_running(names: list[str], timeout_s: float) -> None:
     """Block until every application is RUNNING; fail clearly when one cannot deploy."""
     from ray import serve
@@ -126,8 +171,9 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
 def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None, port: int | None = None,
                         adapters: dict[str, str] | None = None, overrides: list[str] | None = None,
                         on_ready: Any = print, timeout_s: float = 1800) -> None:
-    """`synthpert serve`: run until SIGINT/SIGTERM. A Serve config file is deployed exactly as
-    `serve run FILE` deploys it (its per-deployment overrides apply); otherwise `cfg` is served."""
+    """`synthpert serve`: run until SIGINT/SIGTERM, then drain and stop (module docstring). A Serve
+    config file is deployed exactly as `serve run FILE` deploys it (its per-deployment overrides
+    apply); otherwise `cfg` is served."""
     from ray import serve
 
     adapters = adapters or {}
@@ -139,7 +185,7 @@ def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None
         assert cfg is not None
         cfg.adapters = {**cfg.adapters, **adapters}
         host, port = cfg.host, cfg.port if port is None else port
-    with ray_session(cluster_cpus(cfg)), _serve(host, port):
+    with _ray_in_own_session(), ray_session(cluster_cpus(cfg)), _serve(host, port):
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers
             signal.signal(sig, lambda *_: stop.set())
@@ -156,5 +202,6 @@ def serve_until_stopped(cfg: ServeConfig | None, config_file: Path | None = None
         base = _proxy_url()
         on_ready({"base_urls": [f"{base}{p.rstrip('/')}/v1" for p in prefixes], "applications": names})
         stop.wait()
+        _drain(names, cfg.drain_timeout_s)
         for name in names:
             serve.delete(name)
