@@ -13,9 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
+from synthpert import estimate
 from synthpert.config import Config, EndpointConfig
 from synthpert.errors import SynthPertError
 
@@ -41,6 +43,7 @@ class Report:
 
     pending: list[str]
     checks: list[Check]
+    cost: dict[str, dict] = dataclasses.field(default_factory=dict)  # estimate.for_stages, when every check passed
 
     @property
     def failures(self) -> list[Check]:
@@ -48,7 +51,7 @@ class Report:
 
     def text(self) -> str:
         stages = ", ".join(self.pending) or "none (every stage is done)"
-        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks)])
+        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks), *costs_text(self.cost)])
 
 
 def run(cfg: Config) -> Report:
@@ -73,7 +76,9 @@ def run(cfg: Config) -> Report:
     if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
-    return Report(todo, checks)
+    report = Report(todo, checks)
+    # the estimate samples and renders every tuple: only worth it for a run that can start
+    return report if report.failures else dataclasses.replace(report, cost=estimate.for_stages(cfg, todo))
 
 
 def require(cfg: Config) -> Report:
@@ -83,6 +88,42 @@ def require(cfg: Config) -> Report:
         lines = "\n".join(f"  {c.subject}: {c.detail}" for c in report.failures)
         raise SynthPertError(f"pre-flight: {len(report.failures)} problem(s), nothing was started or created:\n{lines}")
     return report
+
+
+def costs_text(cost: dict[str, dict]) -> list[str]:
+    return [estimate.describe(est, est["budget_usd"], stage) for stage, est in cost.items()]
+
+
+def confirm(cfg: Config, cost: dict[str, dict], yes: bool) -> None:
+    """Ask before a run whose paid calls may cost more than generate.confirm_above_usd (the upper
+    end of the estimate); `yes` answers for the user. Nobody to ask (no terminal, CI, a Ray job):
+    refuse in one line rather than wait or go ahead unasked."""
+    threshold = cfg.generate.confirm_above_usd
+    high = sum(est["usd"][1] for est in cost.values())
+    if threshold is None or not cost or high <= threshold:
+        return
+    print("\n".join(costs_text(cost)), file=sys.stderr)
+    asked = f"this run's paid calls may cost up to ${high:.2f}, above generate.confirm_above_usd=${threshold:.2f}"
+    unattended = None if yes else unattended_reason()
+    if unattended:
+        raise SynthPertError(f"{asked}; not confirmed ({unattended}): re-run with --yes, or raise generate.confirm_above_usd")
+    import typer
+
+    if not yes and not typer.confirm(f"{asked}. Go ahead?", default=False, err=True):
+        raise SynthPertError(f"{asked}; not confirmed: nothing was started")
+
+
+def unattended_reason() -> str | None:
+    """Why no one can answer a question here, or None when a terminal can."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # set in a submitted job's driver only
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return "inside a Ray job"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return "in CI"
+    if not sys.stdin or not sys.stdin.isatty():
+        return "stdin is not a terminal"
+    return None
 
 
 def endpoint(subject: str, e: EndpointConfig, probe: Callable[[str, str | None], tuple[list[str], str | None]]) -> Check:
