@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -77,8 +78,10 @@ def run(cfg: Config) -> Report:
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
     report = Report(todo, checks)
-    # the estimate samples and renders every tuple: only worth it for a run that can start
-    return report if report.failures else dataclasses.replace(report, cost=estimate.for_stages(cfg, todo))
+    if report.failures:  # the estimate samples and renders every tuple: only worth it for a run that can start
+        return report
+    cost = estimate.for_stages(cfg, todo)
+    return Report(todo, checks + disk_space(cfg, todo, cost.get("traces", {}).get("tuples", cfg.data.limit)), cost)
 
 
 def require(cfg: Config) -> Report:
@@ -226,6 +229,45 @@ def cluster_resources() -> tuple[dict[str, float], str]:
     gpus = get_accelerator_manager_for_resource("GPU")
     visible = gpus.get_current_process_visible_accelerator_ids()
     return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node"
+
+
+CHECKPOINT_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # a LoRA weight in fp32, its master copy, AdamW's two moments, the adapter file
+TRACE_FILES = 3  # a trace is written to the call cache, attempts.parquet and sft.parquet (uncompressed, at most)
+
+
+def disk_space(cfg: Config, todo: list[str], tuples: int | None) -> list[Check]:
+    """Free space where the pending stages write, against a rough upper figure: per training run
+    (checkpoints_to_keep + 1 while a new one is written) checkpoints of the LoRA weights and their
+    optimizer state, and the final adapter, in train.storage_path or run_dir; the traces (every
+    output token of teacher and judge, TRACE_FILES times) in run_dir. `tuples` None: traces not
+    counted (counting them would mean sampling the data). One line per file system."""
+    from synthpert.llm.client import CHARS_PER_TOKEN
+    from synthpert.models import resolve_model
+    from synthpert.train.memory import model_shape
+
+    t, g = cfg.train, cfg.generate
+    needs: dict[Path, dict[str, float]] = {}
+    runs = sum(stage.startswith("train-") for stage in todo)
+    if runs:
+        trainable = model_shape(resolve_model(t.base_model), t).trainable
+        where = Path(t.storage_path) if t.storage_path and "://" not in t.storage_path else cfg.run_dir
+        needs.setdefault(where, {})["checkpoints"] = runs * trainable * CHECKPOINT_BYTES_PER_PARAM * (t.checkpoints_to_keep + 2)
+    if "traces" in todo and tuples:
+        needs.setdefault(cfg.run_dir, {})["traces"] = tuples * (g.teacher.max_tokens + g.judge.max_tokens) * CHARS_PER_TOKEN * TRACE_FILES
+    by_disk: dict[int, tuple[Path, dict[str, float]]] = {}
+    for path, parts in needs.items():
+        existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+        first, total = by_disk.setdefault(existing.stat().st_dev, (existing, {}))
+        for part, size in parts.items():
+            total[part] = total.get(part, 0) + size
+    checks = []
+    for where, parts in by_disk.values():
+        need, free = sum(parts.values()), shutil.disk_usage(where).free
+        detail = ", ".join(f"{part} {size / 2**30:.2f} GiB" for part, size in parts.items())
+        ok = free >= need
+        checks.append(Check("disk", ok, f"{where}: {need / 2**30:.2f} GiB needed ({detail}), {free / 2**30:.2f} GiB free"
+                                        + ("" if ok else "; free space or lower train.checkpoints_to_keep")))
+    return checks
 
 
 def writable(subject: str, path: Path) -> Check:

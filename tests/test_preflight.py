@@ -93,7 +93,7 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     assert time.monotonic() - started < 10
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["pending"][:3] == ["traces", "train-cot", "train-raw"]
-    assert {c["subject"] for c in report["checks"]} == {"run_dir", "serve.model", "train.base_model"}
+    assert {c["subject"] for c in report["checks"]} == {"run_dir", "serve.model", "train.base_model", "disk"}
     assert all(c["ok"] for c in report["checks"])
     assert f"ok run_dir: {tmp_path}/runs/local will be created in {tmp_path}" in proc.stdout
     assert list(tmp_path.iterdir()) == []
@@ -222,3 +222,30 @@ def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
         started = CliRunner().invoke(app, [*args, "--yes"])
         assert str(started.exception) == "started", started.output
         assert api.paths["/v1/chat/completions"] == 0
+
+
+def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_path, monkeypatch):
+    import shutil
+
+    from synthpert.models import resolve_model
+    from synthpert.train.memory import model_shape
+
+    cfg = load_config(LOCAL, [f"run_dir={tmp_path / 'runs'}", "train.checkpoints_to_keep=3"])
+    trainable = model_shape(resolve_model(None), cfg.train).trainable
+    assert trainable == 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r 8, 7 modules, 30 layers
+    checkpoints = 2 * trainable * preflight.CHECKPOINT_BYTES_PER_PARAM * (3 + 2)  # cot + raw, 3 kept + one being written
+    traces = 12 * (128 + 32) * 4 * preflight.TRACE_FILES  # local: 12 tuples, teacher 128 + judge 32 output tokens
+    [roomy] = preflight.run(cfg).checks[-1:]
+    assert roomy.subject == "disk" and roomy.ok and f"{(checkpoints + traces) / 2**30:.2f} GiB needed" in roomy.detail
+
+    small = shutil.disk_usage(tmp_path)._replace(free=100 * 2**20)  # a 100 MiB disk left: short of ~0.36 GiB
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: small)
+    [short] = preflight.run(cfg).failures
+    assert short.detail == (f"{tmp_path}: {(checkpoints + traces) / 2**30:.2f} GiB needed (checkpoints {checkpoints / 2**30:.2f} GiB, "
+                            f"traces {traces / 2**30:.2f} GiB), 0.10 GiB free; free space or lower train.checkpoints_to_keep")
+    # checkpoints in train.storage_path are counted where it is (here the same disk: one line for both)
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    [both] = preflight.disk_space(cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(other)})}),
+                                  ["traces", "train-cot", "train-raw"], 12)
+    assert both.detail.startswith(f"{other}: ") and "(checkpoints" in both.detail and "traces" in both.detail
