@@ -76,6 +76,10 @@ class EndpointConfig(Section):
         """The key, read from the environment at call time (never stored in the config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    def priced(self) -> bool:
+        """Whether its calls cost anything (a frontier API; ours is free)."""
+        return bool(self.price_in_per_mtok or self.price_out_per_mtok)
+
 
 class JudgeEndpointConfig(EndpointConfig):
     """The judge writes a short critique, then a grade: greedy by default (also under partial overrides)."""

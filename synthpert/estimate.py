@@ -81,20 +81,16 @@ def predict_estimate(tuples: pd.DataFrame, teacher: EndpointConfig, direction: s
             "teacher": side, "usd": side["usd"]}
 
 
-def priced(endpoint: EndpointConfig) -> bool:
-    return bool(endpoint.price_in_per_mtok or endpoint.price_out_per_mtok)
-
-
 def for_stages(cfg: Config, stages: list[str], cache_path: Path | None = None) -> dict[str, dict[str, Any]]:
     """The estimate of each of `stages` that makes paid calls (traces; the teacher as a predictor),
     by stage, with its budget; empty when none is paid, without sampling a tuple (the local run
     costs nothing)."""
     g, out = cfg.generate, {}
-    if "traces" in stages and (priced(g.teacher) or priced(g.judge)):
+    if "traces" in stages and (g.teacher.priced() or g.judge.priced()):
         from synthpert.generate import sample_tuples
 
         out["traces"] = estimate(sample_tuples(cfg.data), g, cache_path or g.cache_path) | {"budget_usd": g.max_cost_usd}
-    if "predict-teacher" in stages and priced(g.teacher):
+    if "predict-teacher" in stages and g.teacher.priced():
         from synthpert.predict import eval_tuples
 
         out["predict-teacher"] = (predict_estimate(eval_tuples(cfg), g.teacher, cfg.evaluate.direction)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
-from synthpert import estimate
 from synthpert.config import Config, EndpointConfig
 from synthpert.errors import SynthPertError
 
@@ -77,11 +77,16 @@ def run(cfg: Config) -> Report:
     if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
-    report = Report(todo, checks)
-    if report.failures:  # the estimate samples and renders every tuple: only worth it for a run that can start
-        return report
-    cost = estimate.for_stages(cfg, todo)
-    return Report(todo, checks + disk_space(cfg, todo, cost.get("traces", {}).get("tuples", cfg.data.limit)), cost)
+    cost = {}
+    # the estimate samples and renders every tuple (and imports openai): only for a paid run that can start
+    if all(c.ok for c in checks) and (g.teacher.priced() or g.judge.priced()):
+        from synthpert.estimate import for_stages
+
+        cost = for_stages(cfg, todo)
+    base_ok = all(c.ok for c in checks if c.subject == "train.base_model")  # its shape sizes the checkpoints
+    sized = [stage for stage in todo if base_ok or not stage.startswith("train-")]
+    checks += disk_space(cfg, sized, cost.get("traces", {}).get("tuples", cfg.data.limit))
+    return Report(todo, checks, cost)
 
 
 def require(cfg: Config) -> Report:
@@ -94,7 +99,11 @@ def require(cfg: Config) -> Report:
 
 
 def costs_text(cost: dict[str, dict]) -> list[str]:
-    return [estimate.describe(est, est["budget_usd"], stage) for stage, est in cost.items()]
+    if not cost:
+        return []
+    from synthpert.estimate import describe
+
+    return [describe(est, est["budget_usd"], stage) for stage, est in cost.items()]
 
 
 def confirm(cfg: Config, cost: dict[str, dict], yes: bool) -> None:
@@ -232,6 +241,8 @@ def cluster_resources() -> tuple[dict[str, float], str]:
 
 
 CHECKPOINT_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # a LoRA weight in fp32, its master copy, AdamW's two moments, the adapter file
+# bytes of text per output token; llm.client.CHARS_PER_TOKEN's figure, not imported: that module imports openai (seconds)
+TRACE_BYTES_PER_TOKEN = 4
 TRACE_FILES = 3  # a trace is written to the call cache, attempts.parquet and sft.parquet (uncompressed, at most)
 
 
@@ -241,19 +252,18 @@ def disk_space(cfg: Config, todo: list[str], tuples: int | None) -> list[Check]:
     optimizer state, and the final adapter, in train.storage_path or run_dir; the traces (every
     output token of teacher and judge, TRACE_FILES times) in run_dir. `tuples` None: traces not
     counted (counting them would mean sampling the data). One line per file system."""
-    from synthpert.llm.client import CHARS_PER_TOKEN
-    from synthpert.models import resolve_model
-    from synthpert.train.memory import model_shape
-
     t, g = cfg.train, cfg.generate
     needs: dict[Path, dict[str, float]] = {}
     runs = sum(stage.startswith("train-") for stage in todo)
     if runs:
-        trainable = model_shape(resolve_model(t.base_model), t).trainable
+        from synthpert.models import EMBEDDED_ALIASES, embedded_cached
+
+        model_dir = embedded_cached() if t.base_model in EMBEDDED_ALIASES else Path(t.base_model).expanduser()
+        trainable = lora_params(json.loads((model_dir / "config.json").read_text()), t.lora_r, t.target_modules)
         where = Path(t.storage_path) if t.storage_path and "://" not in t.storage_path else cfg.run_dir
         needs.setdefault(where, {})["checkpoints"] = runs * trainable * CHECKPOINT_BYTES_PER_PARAM * (t.checkpoints_to_keep + 2)
     if "traces" in todo and tuples:
-        needs.setdefault(cfg.run_dir, {})["traces"] = tuples * (g.teacher.max_tokens + g.judge.max_tokens) * CHARS_PER_TOKEN * TRACE_FILES
+        needs.setdefault(cfg.run_dir, {})["traces"] = tuples * (g.teacher.max_tokens + g.judge.max_tokens) * TRACE_BYTES_PER_TOKEN * TRACE_FILES
     by_disk: dict[int, tuple[Path, dict[str, float]]] = {}
     for path, parts in needs.items():
         existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
@@ -268,6 +278,20 @@ def disk_space(cfg: Config, todo: list[str], tuples: int | None) -> list[Check]:
         checks.append(Check("disk", ok, f"{where}: {need / 2**30:.2f} GiB needed ({detail}), {free / 2**30:.2f} GiB free"
                                         + ("" if ok else "; free space or lower train.checkpoints_to_keep")))
     return checks
+
+
+def lora_params(config: dict, rank: int, target_modules: list[str]) -> int:
+    """LoRA weights of a Llama-family model, from its config.json alone: `train.memory.model_shape`
+    counts them exactly on a meta-device model, but importing torch and the model classes takes
+    seconds to tens of seconds on a busy box, too slow for a pre-flight. An unknown module name
+    counts as hidden -> hidden."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv, inter = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim, config.get("intermediate_size", 4 * hidden)
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return layers * rank * sum(sum(shapes.get(name.rsplit(".", 1)[-1], (hidden, hidden))) for name in target_modules)
 
 
 def writable(subject: str, path: Path) -> Check:

@@ -174,6 +174,7 @@ def _priced_cost(*overrides: str) -> tuple:
 
 
 def test_confirmation_asks_on_a_terminal_and_yes_answers_it(monkeypatch, capsys):
+    from synthpert import estimate
     from synthpert.errors import SynthPertError
 
     cfg, cost = _priced_cost()
@@ -199,7 +200,7 @@ def test_confirmation_asks_on_a_terminal_and_yes_answers_it(monkeypatch, capsys)
     with pytest.raises(SynthPertError, match=r"not confirmed \(in CI\)"):
         preflight.confirm(load_config(LOCAL, ["generate.confirm_above_usd=0"]), cost, yes=False)  # 0: any paid run asks
     # the local run (our endpoint, no prices) has nothing to estimate, and samples no tuple to know it
-    assert preflight.estimate.for_stages(load_config(LOCAL), ["traces", "predict-teacher"]) == {}
+    assert estimate.for_stages(load_config(LOCAL), ["traces", "predict-teacher"]) == {}
 
 
 @pytest.mark.parametrize("command", ["pipeline", "generate"])
@@ -231,8 +232,9 @@ def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_p
     from synthpert.train.memory import model_shape
 
     cfg = load_config(LOCAL, [f"run_dir={tmp_path / 'runs'}", "train.checkpoints_to_keep=3"])
-    trainable = model_shape(resolve_model(None), cfg.train).trainable
-    assert trainable == 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r 8, 7 modules, 30 layers
+    trainable = 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r 8, 7 modules, 30 layers
+    assert model_shape(resolve_model(None), cfg.train).trainable == trainable  # the exact count, on a meta-device model
+    assert preflight.lora_params(json.loads((resolve_model(None) / "config.json").read_text()), 8, cfg.train.target_modules) == trainable
     checkpoints = 2 * trainable * preflight.CHECKPOINT_BYTES_PER_PARAM * (3 + 2)  # cot + raw, 3 kept + one being written
     traces = 12 * (128 + 32) * 4 * preflight.TRACE_FILES  # local: 12 tuples, teacher 128 + judge 32 output tokens
     [roomy] = preflight.run(cfg).checks[-1:]
