@@ -27,6 +27,7 @@ app.add_typer(data_app, name="data")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (default: built-in defaults).")
 SetOpt = typer.Option([], "--set", help="Dotted override, e.g. --set train.lora_r=16 (repeatable).")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last line.")
+YesOpt = typer.Option(False, "--yes", "-y", help="Go ahead when the cost estimate is above generate.confirm_above_usd (no question).")
 
 
 def resolve(config: Optional[Path], overrides: list[str], **flags: Any) -> Config:
@@ -164,6 +165,7 @@ def generate(
     output: Optional[Path] = typer.Option(None, help="Output directory (default: generate.output_dir)."),
     config: Optional[Path] = ConfigOpt,
     set_: list[str] = SetOpt,
+    yes: bool = YesOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Teacher traces for training tuples, judged and filtered: attempts.parquet + sft.parquet.
@@ -197,8 +199,10 @@ def generate(
     )
     if cfg.generate.judge.base_url == cfg.generate.teacher.base_url and cfg.generate.judge.api_key_env is None:
         cfg.generate.judge.api_key_env = cfg.generate.teacher.api_key_env
+    from synthpert import estimate, preflight
     from synthpert.generate import run  # heavy (Ray, pandas): only once the input is known to be good
 
+    preflight.confirm(cfg, estimate.for_stages(cfg, ["traces"], cfg.generate.cache_path or cfg.generate.output_dir / "calls.sqlite"), yes)
     summary = run(cfg)
     typer.echo(
         f"{summary['rows']} rows: {summary['accepted']} kept, {summary['rejected_grade']} rejected by grade, "
@@ -301,12 +305,14 @@ def pipeline(
     check: bool = typer.Option(False, "--check", help="Only the pre-flight: keys, endpoints, model paths, GPUs, folders."),
     plan: bool = typer.Option(False, "--plan", help="Only say what would run: every stage, its key, run or skip and why."),
     verbose: bool = typer.Option(False, "--verbose", help="Print Ray, Serve, DeepSpeed, MLflow output here (default: RUN_DIR/logs/)."),
+    yes: bool = YesOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """The whole SynthPert pipeline: traces -> train cot + raw -> predict -> evaluate -> register -> report.
 
     Finished stages (same config and inputs) are skipped, so a re-run resumes after a failure.
-    A pre-flight runs first: what the pending stages need is checked before anything starts.
+    A pre-flight runs first: what the pending stages need is checked before anything starts, and a
+    cost estimate above generate.confirm_above_usd is asked about (refused unattended) unless --yes.
     """
     cfg = resolve(config, set_)
     if plan:
@@ -328,7 +334,7 @@ def pipeline(
         return
     from synthpert.pipeline import run
 
-    result = run(cfg, verbose=verbose)
+    result = run(cfg, verbose=verbose, yes=yes)
     typer.echo(f"ran {result['ran'] or 'nothing'}; skipped {result['skipped'] or 'nothing'}; report: {result['report']}", err=True)
     if json_:
         emit_json(result)

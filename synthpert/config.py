@@ -76,6 +76,10 @@ class EndpointConfig(Section):
         """The key, read from the environment at call time (never stored in the config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
+    def priced(self) -> bool:
+        """Whether its calls cost anything (a frontier API; ours is free)."""
+        return bool(self.price_in_per_mtok or self.price_out_per_mtok)
+
 
 class JudgeEndpointConfig(EndpointConfig):
     """The judge writes a short critique, then a grade: greedy by default (also under partial overrides)."""
@@ -108,6 +112,10 @@ class GenerateConfig(Section):
     # hard budget in USD for this run's teacher + judge calls (cached calls are free); None: no budget.
     # Calls stop being sent when spent + in-flight worst case would pass it; the stage exits 2.
     max_cost_usd: float | None = Field(default=None, ge=0)
+    # Above this upper-bound estimate (USD) of a run's paid calls (traces, and the teacher as a
+    # predictor) the CLI asks before starting, unless --yes; unattended (no terminal, CI, a Ray job)
+    # it refuses. 0: ask for any paid run; None: never ask.
+    confirm_above_usd: float | None = Field(default=5.0, ge=0)
 
     @field_validator("keep")
     @classmethod
@@ -220,6 +228,9 @@ class EvaluateConfig(Section):
     direction: Literal["derived", "separate"] = "derived"
     require_complete: bool = False  # missing test pairs: error (True) or score the covered ones
     output_dir: Path = Path("runs/eval")
+    # hard budget in USD for each prediction stage's calls to a remote endpoint (the teacher as a
+    # predictor; cached calls are free); None: no budget. Works as generate.max_cost_usd.
+    max_cost_usd: float | None = Field(default=None, ge=0)
     # non-LLM baselines (synthpert.baselines)
     go_max_genes: int | None = None  # GO terms annotated to more genes are ignored by the similarity (None: keep all)
     retrieval_k: int = 5  # retrieval: the k most GO-similar training perturbations

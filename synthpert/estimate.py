@@ -17,16 +17,16 @@ from typing import Any
 import pandas as pd
 
 from synthpert import prompts
-from synthpert.config import EndpointConfig, GenerateConfig
+from synthpert.config import Config, EndpointConfig, GenerateConfig
 from synthpert.llm.cache import CallCache
 from synthpert.llm.client import price, prompt_tokens_estimate
 
 TYPICAL_OUTPUT_FRACTION = 0.5  # of max_tokens, when the cache has no measured average yet
 
 
-def measured_output_tokens(cache_path: Path) -> tuple[dict[str, float], int]:
+def measured_output_tokens(cache_path: Path | None) -> tuple[dict[str, float], int]:
     """Mean completion tokens per model over the cache's answered calls, and how many calls it holds."""
-    if not cache_path.exists():
+    if cache_path is None or not cache_path.exists():
         return {}, 0
     cache = CallCache(cache_path)
     try:
@@ -68,13 +68,48 @@ def estimate(tuples: pd.DataFrame, g: GenerateConfig, cache_path: Path) -> dict[
     }
 
 
-def describe(est: dict[str, Any], budget: float | None) -> str:
-    """The short block printed before the run."""
-    lines = [f"cost estimate for {est['tuples']} tuples (whole run; {est['cached_calls']} calls already cached are free):"]
+def predict_estimate(tuples: pd.DataFrame, teacher: EndpointConfig, direction: str) -> dict[str, Any]:
+    """The remote teacher as a predictor (`predict-teacher`), in `estimate`'s form: one answer per
+    tuple (a remote endpoint gets no scoring call), and with `direction="separate"` one more per
+    DE pair. Its cache is the stage's own, unknown before the run: output low at the typical fraction."""
+    rows = tuples.to_dict("records")
+    asked = [prompts.student_messages(r, r["context"] or None) for r in rows]
+    if direction == "separate":
+        asked += [prompts.direction_messages(r, r["context"] or None) for r in rows if r["label"] in prompts.DIRECTIONS]
+    side = _side(teacher, len(asked), sum(map(prompt_tokens_estimate, asked)), TYPICAL_OUTPUT_FRACTION * teacher.max_tokens)
+    return {"tuples": len(rows), "cached_calls": 0, "output_tokens_low_from": f"{TYPICAL_OUTPUT_FRACTION} x max_tokens",
+            "teacher": side, "usd": side["usd"]}
+
+
+def for_stages(cfg: Config, stages: list[str], cache_path: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The estimate of each of `stages` that makes paid calls (traces; the teacher as a predictor),
+    by stage, with its budget; empty when none is paid, without sampling a tuple (the local run
+    costs nothing)."""
+    g, out = cfg.generate, {}
+    if "traces" in stages and (g.teacher.priced() or g.judge.priced()):
+        from synthpert.generate import sample_tuples
+
+        out["traces"] = estimate(sample_tuples(cfg.data), g, cache_path or g.cache_path) | {"budget_usd": g.max_cost_usd}
+    if "predict-teacher" in stages and g.teacher.priced():
+        from synthpert.predict import eval_tuples
+
+        out["predict-teacher"] = (predict_estimate(eval_tuples(cfg), g.teacher, cfg.evaluate.direction)
+                                  | {"budget_usd": cfg.evaluate.max_cost_usd})
+    return out
+
+
+BUDGETS = {"traces": "generate.max_cost_usd", "predict-teacher": "evaluate.max_cost_usd"}
+
+
+def describe(est: dict[str, Any], budget: float | None, stage: str = "traces") -> str:
+    """The short block printed before the stage runs."""
+    lines = [f"{stage} cost estimate for {est['tuples']} tuples (whole run; {est['cached_calls']} calls already cached are free):"]
     for name in ("teacher", "judge"):
+        if name not in est:
+            continue
         side = est[name]
         lines.append(f"  {name:<8}{side['calls']:>7} calls  in {side['tokens_in'][0]:,}-{side['tokens_in'][1]:,} tok  "
                      f"out {side['tokens_out'][0]:,}-{side['tokens_out'][1]:,} tok  ${side['usd'][0]:.2f}-${side['usd'][1]:.2f}")
     lines.append(f"  total ${est['usd'][0]:.2f}-${est['usd'][1]:.2f} (low: output at {est['output_tokens_low_from']}); "
-                 + ("no budget" if budget is None else f"budget generate.max_cost_usd=${budget:.2f}"))
+                 + ("no budget" if budget is None else f"budget {BUDGETS[stage]}=${budget:.2f}"))
     return "\n".join(lines)

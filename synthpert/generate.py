@@ -31,7 +31,7 @@ from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
 from synthpert.llm.cache import CallCache
-from synthpert.llm.client import BUDGET_REFUSED, CallResult
+from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
 
 STAGE = "generate"
@@ -162,10 +162,7 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     prompt_set = prompts.PromptSet.from_config(g)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
-    if g.max_cost_usd is not None:
-        cache = CallCache(cache_path)
-        cache.reset_budget()
-        cache.close()
+    CallCache.start_budget(cache_path, g.max_cost_usd)
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
     blocks = [tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)]
     ds = ray.data.from_pandas(blocks)
@@ -304,8 +301,5 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             if run_id is not None:
                 _track(summary, attempts, sft, manifest)
     if summary["refused"]:
-        raise SynthPertError(
-            f"budget generate.max_cost_usd=${g.max_cost_usd} reached after ${summary['cost_usd']:.4f}: {summary['refused']} of "
-            f"{summary['rows']} rows not finished; re-run with a higher budget to finish them (answered calls come from the cache)"
-        )
+        raise budget_stop("generate.max_cost_usd", g.max_cost_usd, summary["cost_usd"], summary["refused"], summary["rows"])
     return summary | {"output": str(output), "run_id": run_id}

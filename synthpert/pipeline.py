@@ -53,9 +53,11 @@ class Declared:
     calls: tuple[str, ...] = ()
 
 
-# Where results go, how fast they are made and with which key variable does not change what they are.
+# Where results go, how fast they are made, with which key variable and under which budget (a stage
+# stopped by its budget does not finish) does not change what they are.
 IGNORED = (
     "*.output_dir", "*.cache_path", "*.api_key_env", "generate.actors", "generate.batch_size",
+    "*.max_cost_usd", "generate.confirm_above_usd",
     *(f"generate.*.{f}" for f in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries")),
     "train.mode",  # the pipeline trains both modes; the mode is an input of its own
     *(f"train.{f}" for f in ("storage_path", "checkpoints_to_keep", "max_failures", "log_every_steps", "memory_budget_gb")),
@@ -420,16 +422,17 @@ def predict_one(cfg: Config, adapter: str | None = None, mode: str = "cot", verb
         return Pipeline(cfg, progress=verbose).predictions({name: spec})[name]
 
 
-def run(cfg: Config, verbose: bool = True) -> dict[str, Any]:
+def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
     """The whole pipeline; returns what ran, what was skipped, the metrics and where the report is.
     The pre-flight runs first: a missing key, model, GPU or folder stops it before anything starts
-    (or is created: the console's log folder too). Not `verbose`: the console's view, the
-    libraries' output in `<run_dir>/logs/`."""
+    (or is created: the console's log folder too), and so does a cost above
+    generate.confirm_above_usd that is not confirmed (`yes` confirms it). Not `verbose`: the
+    console's view, the libraries' output in `<run_dir>/logs/`."""
     from synthpert import preflight
     from synthpert.cluster import ray_session
     from synthpert.serving.app import cluster_cpus
 
-    preflight.require(cfg)
+    preflight.confirm(cfg, preflight.require(cfg).cost, yes)
     pipeline = Pipeline(cfg, progress=verbose)
     needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
     with console.session(cfg.run_dir, verbose=verbose), ray_session(needs), tracking.pipeline_run(cfg) as parent_id:

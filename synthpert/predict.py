@@ -27,7 +27,8 @@ from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
 from synthpert.generate import ANSWER_OPEN, endpoint_identity
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
-from synthpert.llm.client import CallResult
+from synthpert.llm.cache import CallCache
+from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
 from synthpert.llm.prefill import CONTINUE, continue_with
 
 STAGE = "predict"
@@ -160,6 +161,9 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    # only a remote endpoint is paid for (ours costs nothing, whatever prices its copied config holds)
+    budget = cfg.evaluate.max_cost_usd if endpoint.base_url is not None else None
+    CallCache.start_budget(output / "calls.sqlite", budget)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     size = cfg.generate.batch_size
     blocks = [tuples.iloc[i : i + size] for i in range(0, len(tuples), size)]
@@ -167,7 +171,7 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     ds = map_with_actors(
         ds, PredictActor, endpoint, cfg.generate.actors, size, len(blocks),
         base_url=base_url, api_key=api_key, identity=endpoint_identity(endpoint, cfg), cache_path=output / "calls.sqlite", mode=mode, score=score,
-        direction=cfg.evaluate.direction,
+        direction=cfg.evaluate.direction, max_cost_usd=budget,
     )
     console.total(len(tuples))
     frames = []
@@ -184,4 +188,8 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
         output, STAGE, outputs, model=endpoint.model, mode=mode, rows=len(frame), errored=errored,
         parsed=int(frame["parsed"].sum()), template_versions=prompts.PromptSet.from_config().versions, wall_s=round(time.time() - started, 2),
     )
+    refused = int(frame["llm_error"].str.endswith(BUDGET_REFUSED, na=False).sum())
+    if refused:
+        spent = float(frame.loc[frame["llm_called"], "llm_cost_usd"].sum())
+        raise budget_stop("evaluate.max_cost_usd", budget, spent, refused, len(frame))
     return frame

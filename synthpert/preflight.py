@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +44,7 @@ class Report:
 
     pending: list[str]
     checks: list[Check]
+    cost: dict[str, dict] = dataclasses.field(default_factory=dict)  # estimate.for_stages, when every check passed
 
     @property
     def failures(self) -> list[Check]:
@@ -48,7 +52,7 @@ class Report:
 
     def text(self) -> str:
         stages = ", ".join(self.pending) or "none (every stage is done)"
-        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks)])
+        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks), *costs_text(self.cost)])
 
 
 def run(cfg: Config) -> Report:
@@ -73,7 +77,16 @@ def run(cfg: Config) -> Report:
     if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
-    return Report(todo, checks)
+    cost = {}
+    # the estimate samples and renders every tuple (and imports openai): only for a paid run that can start
+    if all(c.ok for c in checks) and (g.teacher.priced() or g.judge.priced()):
+        from synthpert.estimate import for_stages
+
+        cost = for_stages(cfg, todo)
+    base_ok = all(c.ok for c in checks if c.subject == "train.base_model")  # its shape sizes the checkpoints
+    sized = [stage for stage in todo if base_ok or not stage.startswith("train-")]
+    checks += disk_space(cfg, sized, cost.get("traces", {}).get("tuples", cfg.data.limit))
+    return Report(todo, checks, cost)
 
 
 def require(cfg: Config) -> Report:
@@ -83,6 +96,46 @@ def require(cfg: Config) -> Report:
         lines = "\n".join(f"  {c.subject}: {c.detail}" for c in report.failures)
         raise SynthPertError(f"pre-flight: {len(report.failures)} problem(s), nothing was started or created:\n{lines}")
     return report
+
+
+def costs_text(cost: dict[str, dict]) -> list[str]:
+    if not cost:
+        return []
+    from synthpert.estimate import describe
+
+    return [describe(est, est["budget_usd"], stage) for stage, est in cost.items()]
+
+
+def confirm(cfg: Config, cost: dict[str, dict], yes: bool) -> None:
+    """Ask before a run whose paid calls may cost more than generate.confirm_above_usd (the upper
+    end of the estimate); `yes` answers for the user. Nobody to ask (no terminal, CI, a Ray job):
+    refuse in one line rather than wait or go ahead unasked."""
+    threshold = cfg.generate.confirm_above_usd
+    high = sum(est["usd"][1] for est in cost.values())
+    if threshold is None or not cost or high <= threshold:
+        return
+    print("\n".join(costs_text(cost)), file=sys.stderr)
+    asked = f"this run's paid calls may cost up to ${high:.2f}, above generate.confirm_above_usd=${threshold:.2f}"
+    unattended = None if yes else unattended_reason()
+    if unattended:
+        raise SynthPertError(f"{asked}; not confirmed ({unattended}): re-run with --yes, or raise generate.confirm_above_usd")
+    import typer
+
+    if not yes and not typer.confirm(f"{asked}. Go ahead?", default=False, err=True):
+        raise SynthPertError(f"{asked}; not confirmed: nothing was started")
+
+
+def unattended_reason() -> str | None:
+    """Why no one can answer a question here, or None when a terminal can."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # set in a submitted job's driver only
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        return "inside a Ray job"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return "in CI"
+    if not sys.stdin or not sys.stdin.isatty():
+        return "stdin is not a terminal"
+    return None
 
 
 def endpoint(subject: str, e: EndpointConfig, probe: Callable[[str, str | None], tuple[list[str], str | None]]) -> Check:
@@ -185,6 +238,60 @@ def cluster_resources() -> tuple[dict[str, float], str]:
     gpus = get_accelerator_manager_for_resource("GPU")
     visible = gpus.get_current_process_visible_accelerator_ids()
     return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node"
+
+
+CHECKPOINT_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # a LoRA weight in fp32, its master copy, AdamW's two moments, the adapter file
+# bytes of text per output token; llm.client.CHARS_PER_TOKEN's figure, not imported: that module imports openai (seconds)
+TRACE_BYTES_PER_TOKEN = 4
+TRACE_FILES = 3  # a trace is written to the call cache, attempts.parquet and sft.parquet (uncompressed, at most)
+
+
+def disk_space(cfg: Config, todo: list[str], tuples: int | None) -> list[Check]:
+    """Free space where the pending stages write, against a rough upper figure: per training run
+    (checkpoints_to_keep + 1 while a new one is written) checkpoints of the LoRA weights and their
+    optimizer state, and the final adapter, in train.storage_path or run_dir; the traces (every
+    output token of teacher and judge, TRACE_FILES times) in run_dir. `tuples` None: traces not
+    counted (counting them would mean sampling the data). One line per file system."""
+    t, g = cfg.train, cfg.generate
+    needs: dict[Path, dict[str, float]] = {}
+    runs = sum(stage.startswith("train-") for stage in todo)
+    if runs:
+        from synthpert.models import EMBEDDED_ALIASES, embedded_cached
+
+        model_dir = embedded_cached() if t.base_model in EMBEDDED_ALIASES else Path(t.base_model).expanduser()
+        trainable = lora_params(json.loads((model_dir / "config.json").read_text()), t.lora_r, t.target_modules)
+        where = Path(t.storage_path) if t.storage_path and "://" not in t.storage_path else cfg.run_dir
+        needs.setdefault(where, {})["checkpoints"] = runs * trainable * CHECKPOINT_BYTES_PER_PARAM * (t.checkpoints_to_keep + 2)
+    if "traces" in todo and tuples:
+        needs.setdefault(cfg.run_dir, {})["traces"] = tuples * (g.teacher.max_tokens + g.judge.max_tokens) * TRACE_BYTES_PER_TOKEN * TRACE_FILES
+    by_disk: dict[int, tuple[Path, dict[str, float]]] = {}
+    for path, parts in needs.items():
+        existing = next(p for p in (Path(path).absolute(), *Path(path).absolute().parents) if p.exists())
+        first, total = by_disk.setdefault(existing.stat().st_dev, (existing, {}))
+        for part, size in parts.items():
+            total[part] = total.get(part, 0) + size
+    checks = []
+    for where, parts in by_disk.values():
+        need, free = sum(parts.values()), shutil.disk_usage(where).free
+        detail = ", ".join(f"{part} {size / 2**30:.2f} GiB" for part, size in parts.items())
+        ok = free >= need
+        checks.append(Check("disk", ok, f"{where}: {need / 2**30:.2f} GiB needed ({detail}), {free / 2**30:.2f} GiB free"
+                                        + ("" if ok else "; free space or lower train.checkpoints_to_keep")))
+    return checks
+
+
+def lora_params(config: dict, rank: int, target_modules: list[str]) -> int:
+    """LoRA weights of a Llama-family model, from its config.json alone: `train.memory.model_shape`
+    counts them exactly on a meta-device model, but importing torch and the model classes takes
+    seconds to tens of seconds on a busy box, too slow for a pre-flight. An unknown module name
+    counts as hidden -> hidden."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv, inter = heads * head_dim, config.get("num_key_value_heads", heads) * head_dim, config.get("intermediate_size", 4 * hidden)
+    shapes = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    return layers * rank * sum(sum(shapes.get(name.rsplit(".", 1)[-1], (hidden, hidden))) for name in target_modules)
 
 
 def writable(subject: str, path: Path) -> Check:

@@ -315,3 +315,31 @@ def test_budget_stops_sending_then_a_bigger_budget_finishes_without_repaying(ray
     params = mlflow.get_run(summary["run_id"]).data.params
     assert json.loads(params["estimate.usd"]) == cost["usd"]
     assert summary["teacher_calls"] + summary["judge_calls"] + sent == 24 + int(second["judge_output"].notna().sum())
+
+
+@pytest.mark.ray
+def test_prediction_budget_stops_paid_calls_then_a_rerun_finishes_without_repaying(ray_local, tmp_path):
+    """evaluate.max_cost_usd: the teacher as a predictor goes through the same reserve/settle budget."""
+    from synthpert import estimate, predict
+    from synthpert.errors import SynthPertError
+    from synthpert.llm.client import BUDGET_REFUSED
+
+    with FakeAPI(free_port(), latency_s=0.05) as api:
+        cfg = _fake_cfg(api, tmp_path, "evaluate.limit=6", "generate.teacher.max_tokens=100", "generate.teacher.max_concurrency=4",
+                        "generate.teacher.price_in_per_mtok=1000", "generate.teacher.price_out_per_mtok=1000")
+        teacher, out = cfg.generate.teacher, tmp_path / "predict-teacher"
+        tuples = predict.eval_tuples(cfg)
+        budget = round(0.3 * estimate.predict_estimate(tuples, teacher, cfg.evaluate.direction)["usd"][1], 4)
+        cfg.evaluate.max_cost_usd = budget
+        with pytest.raises(SynthPertError, match=rf"budget evaluate.max_cost_usd=\${budget} reached .* rows not finished"):
+            predict.predict(cfg, tuples, teacher, api.base_url, "cot", out, score=False, progress=False)
+        first = pd.read_parquet(out / "predictions.parquet")
+        refused = first["llm_error"].str.endswith(BUDGET_REFUSED, na=False)
+        assert 0 < refused.sum() < len(first) and int(first["llm_called"].sum()) == api.answered_total()
+        assert first["llm_cost_usd"].sum() <= budget
+        answered_first = dict(api.answered)
+
+        cfg.evaluate.max_cost_usd = 1000.0
+        second = predict.predict(cfg, tuples, teacher, api.base_url, "cot", out, score=False, progress=False)
+    assert second["llm_error"].isna().all() and len(second) == len(tuples)
+    assert int(second["llm_cached"].sum()) == len(answered_first) and max(api.answered.values()) == 1  # nothing paid twice

@@ -90,10 +90,10 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     started = time.monotonic()
     proc = run_cli("pipeline", "--config", str(LOCAL), "--check", "--json", cwd=tmp_path, env=_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20  # seconds; "quickly" with room for a loaded box (the paper config's bound is 10 s)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["pending"][:3] == ["traces", "train-cot", "train-raw"]
-    assert {c["subject"] for c in report["checks"]} == {"run_dir", "serve.model", "train.base_model"}
+    assert {c["subject"] for c in report["checks"]} == {"run_dir", "serve.model", "train.base_model", "disk"}
     assert all(c["ok"] for c in report["checks"])
     assert f"ok run_dir: {tmp_path}/runs/local will be created in {tmp_path}" in proc.stdout
     assert list(tmp_path.iterdir()) == []
@@ -134,3 +134,120 @@ def test_run_dir_that_is_a_file(tmp_path):
     assert not check.ok and check.detail == f"{tmp_path}/taken is not a folder"
     assert preflight.writable("run_dir", tmp_path / "a" / "b").ok is False  # absolute, parent missing
     assert preflight.writable("run_dir", tmp_path / "a").ok
+
+
+PRICED = ["--set=generate.teacher.price_in_per_mtok=1000", "--set=generate.teacher.price_out_per_mtok=1000"]
+
+
+def _fake_endpoints(api: FakeAPI) -> list[str]:
+    return [f"--set=generate.{role}.{k}={v}" for role in ("teacher", "judge")
+            for k, v in (("base_url", api.base_url), ("model", "fake-teacher"), ("api_key_env", "FAKE_API_KEY"))]
+
+
+def test_a_costly_run_is_refused_unattended_before_anything_starts(tmp_path):
+    """Above generate.confirm_above_usd, nobody to ask (no terminal; a Ray job): exit 2 in one line
+    after the estimate of every paid stage (traces and the teacher as a predictor), nothing sent or made."""
+    import subprocess
+
+    with FakeAPI(free_port(), api_key="right-key") as api:
+        args = ["pipeline", "--config", str(LOCAL), *_fake_endpoints(api), *PRICED]
+        for env, why in (({}, "stdin is not a terminal"), ({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, "inside a Ray job")):
+            proc = run_cli(*args, cwd=tmp_path, env=_env(FAKE_API_KEY="right-key", **env), stdin=subprocess.DEVNULL, timeout=60)
+            assert proc.returncode == 2, proc.stderr
+            error = proc.stderr.strip().splitlines()[-1]
+            assert error.startswith("error: this run's paid calls may cost up to $"), proc.stderr
+            assert f"above generate.confirm_above_usd=$5.00; not confirmed ({why}): re-run with --yes" in error
+            assert "traces cost estimate for 12 tuples" in proc.stderr and "predict-teacher cost estimate for" in proc.stderr
+        assert api.paths["/v1/chat/completions"] == 0
+        assert list(tmp_path.iterdir()) == []
+        # the same run under the threshold (and --check, which never asks) goes past the question
+        check = run_cli(*args, "--check", cwd=tmp_path, env=_env(FAKE_API_KEY="right-key"), stdin=subprocess.DEVNULL, timeout=60)
+        assert check.returncode == 0 and "predict-teacher cost estimate for" in check.stdout, check.stderr
+
+
+def _priced_cost(*overrides: str) -> tuple:
+    from synthpert import estimate
+
+    cfg = load_config(LOCAL, ["generate.teacher.base_url=http://127.0.0.1:9/v1", "generate.teacher.price_in_per_mtok=1000", *overrides])
+    cost = estimate.for_stages(cfg, ["traces", "predict-teacher", "train-cot"])
+    return cfg, cost
+
+
+def test_confirmation_asks_on_a_terminal_and_yes_answers_it(monkeypatch, capsys):
+    from synthpert import estimate
+    from synthpert.errors import SynthPertError
+
+    cfg, cost = _priced_cost()
+    high = sum(est["usd"][1] for est in cost.values())
+    assert set(cost) == {"traces", "predict-teacher"} and high > cfg.generate.confirm_above_usd
+    assert cost["predict-teacher"]["teacher"]["calls"] == cost["predict-teacher"]["tuples"]  # one answer per tuple, no scoring call
+    asked = []
+    monkeypatch.setattr(preflight, "unattended_reason", lambda: None)  # a terminal
+    for answer in (False, True):
+        monkeypatch.setattr("typer.confirm", lambda text, **kw: asked.append(text) or answer)
+        if answer:
+            preflight.confirm(cfg, cost, yes=False)
+        else:
+            with pytest.raises(SynthPertError, match=r"not confirmed: nothing was started"):
+                preflight.confirm(cfg, cost, yes=False)
+    assert len(asked) == 2 and f"may cost up to ${high:.2f}" in asked[0]
+    monkeypatch.setattr(preflight, "unattended_reason", lambda: "in CI")
+    preflight.confirm(cfg, cost, yes=True)  # --yes: no question, even unattended
+    preflight.confirm(load_config(LOCAL, [f"generate.confirm_above_usd={high}"]), cost, yes=False)  # not above
+    preflight.confirm(load_config(LOCAL, ["generate.confirm_above_usd=null"]), cost, yes=False)  # never ask
+    preflight.confirm(cfg, {}, yes=False)  # nothing paid
+    assert len(asked) == 2
+    with pytest.raises(SynthPertError, match=r"not confirmed \(in CI\)"):
+        preflight.confirm(load_config(LOCAL, ["generate.confirm_above_usd=0"]), cost, yes=False)  # 0: any paid run asks
+    # the local run (our endpoint, no prices) has nothing to estimate, and samples no tuple to know it
+    assert estimate.for_stages(load_config(LOCAL), ["traces", "predict-teacher"]) == {}
+
+
+@pytest.mark.parametrize("command", ["pipeline", "generate"])
+def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
+    """The CLI wiring: without --yes an unattended costly run stops at the question, with it the
+    stage starts (stubbed here: what follows the question is tested elsewhere)."""
+    from typer.testing import CliRunner
+
+    from synthpert.cli import app
+    from synthpert.errors import SynthPertError
+
+    monkeypatch.chdir(tmp_path)
+    target = "synthpert.cluster.ray_session" if command == "pipeline" else "synthpert.generate.run"
+    monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
+    with FakeAPI(free_port(), api_key="right-key") as api:
+        monkeypatch.setenv("FAKE_API_KEY", "right-key")
+        args = [command, "--config", str(LOCAL), *_fake_endpoints(api), *PRICED]
+        refused = CliRunner().invoke(app, args)
+        assert isinstance(refused.exception, SynthPertError) and "not confirmed (stdin is not a terminal)" in str(refused.exception)
+        started = CliRunner().invoke(app, [*args, "--yes"])
+        assert str(started.exception) == "started", started.output
+        assert api.paths["/v1/chat/completions"] == 0
+
+
+def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_path, monkeypatch):
+    import shutil
+
+    from synthpert.models import resolve_model
+    from synthpert.train.memory import model_shape
+
+    cfg = load_config(LOCAL, [f"run_dir={tmp_path / 'runs'}", "train.checkpoints_to_keep=3"])
+    trainable = 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r 8, 7 modules, 30 layers
+    assert model_shape(resolve_model(None), cfg.train).trainable == trainable  # the exact count, on a meta-device model
+    assert preflight.lora_params(json.loads((resolve_model(None) / "config.json").read_text()), 8, cfg.train.target_modules) == trainable
+    checkpoints = 2 * trainable * preflight.CHECKPOINT_BYTES_PER_PARAM * (3 + 2)  # cot + raw, 3 kept + one being written
+    traces = 12 * (128 + 32) * 4 * preflight.TRACE_FILES  # local: 12 tuples, teacher 128 + judge 32 output tokens
+    [roomy] = preflight.run(cfg).checks[-1:]
+    assert roomy.subject == "disk" and roomy.ok and f"{(checkpoints + traces) / 2**30:.2f} GiB needed" in roomy.detail
+
+    small = shutil.disk_usage(tmp_path)._replace(free=100 * 2**20)  # a 100 MiB disk left: short of ~0.36 GiB
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: small)
+    [short] = preflight.run(cfg).failures
+    assert short.detail == (f"{tmp_path}: {(checkpoints + traces) / 2**30:.2f} GiB needed (checkpoints {checkpoints / 2**30:.2f} GiB, "
+                            f"traces {traces / 2**30:.2f} GiB), 0.10 GiB free; free space or lower train.checkpoints_to_keep")
+    # checkpoints in train.storage_path are counted where it is (here the same disk: one line for both)
+    other = tmp_path / "ckpt"
+    other.mkdir()
+    [both] = preflight.disk_space(cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(other)})}),
+                                  ["traces", "train-cot", "train-raw"], 12)
+    assert both.detail.startswith(f"{other}: ") and "(checkpoints" in both.detail and "traces" in both.detail

@@ -60,3 +60,28 @@ def test_cli_job_on_a_real_ray_head(ray_head):
     status, logs = wait_job(client, bad)
     assert status == JobStatus.FAILED
     assert "error: invalid config" in logs and "lora_rr" in logs
+
+
+@pytest.mark.ray
+def test_pipeline_job_fails_its_preflight_in_seconds(ray_head, tmp_path):
+    """`ray job submit` of a pipeline that cannot run: the job fails within a minute of submission
+    with the pre-flight's list in its logs, and makes no run folder."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    run_dir = tmp_path / "runs"
+    args = ["--config", "configs/local.yaml", f"--set=run_dir={run_dir}", "--set=generate.teacher.base_url=http://127.0.0.1:9/v1",
+            "--set=generate.teacher.api_key_env=SYNTHPERT_TEST_MISSING_KEY", "--set=train.base_model=/nonexistent/base-8b"]
+    client = JobSubmissionClient(ray_head)
+    submitted = time.monotonic()
+    job = client.submit_job(entrypoint=f"python ray_jobs/pipeline.py {' '.join(args)}", runtime_env=ray_job_env())
+    status, logs = wait_job(client, job, timeout=90)
+    elapsed = time.monotonic() - submitted
+    assert status == JobStatus.FAILED, logs
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to fail"
+    assert "error: pre-flight: 3 problem(s), nothing was started or created:" in logs, logs
+    assert "generate.teacher: $SYNTHPERT_TEST_MISSING_KEY is not set (the key for http://127.0.0.1:9/v1)" in logs
+    assert "train.base_model: /nonexistent/base-8b does not exist" in logs
+    assert "serve.model: the adapters are trained on train.base_model (/nonexistent/base-8b)" in logs
+    assert not run_dir.exists()

@@ -78,6 +78,16 @@ class CallCache:
         with self._lock:
             self._db.execute("UPDATE budget SET committed = 0.0")
 
+    @classmethod
+    def start_budget(cls, path: str | Path, limit_usd: float | None) -> None:
+        """Before a stage's actors start: its run's budget counter at zero (nothing when no budget)."""
+        if limit_usd is not None:
+            cache = cls(path)
+            try:
+                cache.reset_budget()
+            finally:
+                cache.close()
+
     def reserve(self, usd: float, limit_usd: float) -> bool:
         """Atomically add `usd` to the run's committed cost unless that would pass `limit_usd`."""
         with self._lock:

@@ -31,11 +31,12 @@ from aiolimiter import AsyncLimiter
 from openai.types.chat import ChatCompletion
 
 from synthpert.config import EndpointConfig
+from synthpert.errors import SynthPertError
 from synthpert.llm.cache import CallCache, cache_key
 
 CHARS_PER_TOKEN = 4
 MAX_ERROR_CHARS = 400
-BUDGET_REFUSED = "budget: not sent, generate.max_cost_usd reached"
+BUDGET_REFUSED = "budget: not sent, max_cost_usd reached"
 
 # Counts the HTTP attempts of the call running in the current task (set by `complete`).
 _attempts: contextvars.ContextVar[list[int]] = contextvars.ContextVar("synthpert_llm_attempts")
@@ -75,6 +76,14 @@ class CallResult:
 
 
 _RECORDED = ("text", "prompt_tokens", "completion_tokens", "latency_s", "cost_usd", "retries", "extra")
+
+
+def budget_stop(setting: str, limit_usd: float | None, spent_usd: float, refused: int, rows: int) -> SynthPertError:
+    """The one line a stage ends with when its budget refused calls (its output is written first)."""
+    return SynthPertError(
+        f"budget {setting}=${limit_usd} reached after ${spent_usd:.4f}: {refused} of {rows} rows not finished; "
+        "re-run with a higher budget to finish them (answered calls come from the cache)"
+    )
 
 
 def price(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float:
