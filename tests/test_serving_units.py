@@ -8,7 +8,7 @@ import pytest
 from synthpert.errors import SynthPertError
 from synthpert.serving.adapters import check_adapter_names, parse_adapter_specs, resolve_adapter
 from synthpert.serving.protocol import APIError, ChatRequest, Sampling, check_supported
-from tests.serving_util import make_lora_adapters
+from tests.serving_util import GRADE_SCHEMA, JUDGE, make_lora_adapters
 
 
 @pytest.mark.unit
@@ -195,9 +195,6 @@ def test_scoring_after_a_generation_reuses_its_kv_cache(engine):
     assert engine.prefix_cache.longest("__base__", ids) == (0, None)
 
 
-GRADE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["critique", "grade"],
-                "properties": {"critique": {"type": "string", "maxLength": 120},
-                               "grade": {"type": "string", "enum": ["excellent", "good", "average", "bad", "terrible"]}}}
 
 
 @pytest.mark.unit
@@ -243,7 +240,7 @@ def test_constrained_rows_always_parse_and_validate(engine):
 
     from synthpert.serving.hf_engine import Job
 
-    prompt = _ids(engine, "Grade this reasoning: 'the gene is up because it is up'. Give a critique and a grade.")
+    prompt = _ids(engine, JUDGE[0]["content"])
 
     def job(kind, source, **sampling):
         return Job(prompt, Sampling(**{"max_tokens": 96, "temperature": 0, **sampling}),
