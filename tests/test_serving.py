@@ -199,6 +199,32 @@ def test_unsupported_features_are_400_and_client_fields_ignored(client):
                 prompt_cache_key="k").choices[0].message.content == plain
 
 
+def test_structured_judge_grades_through_json_schema(endpoint, tmp_path):
+    """generate.judge_structured: one call, a {critique, grade} JSON verdict, its grade kept."""
+    from pydantic import SecretStr
+
+    from synthpert import prompts
+    from synthpert.config import GRADES, load_config
+    from synthpert.judge import JudgeActor
+
+    g = load_config(None, ["generate.judge_structured=true", "generate.judge.max_tokens=160"]).generate
+    row = {"tuple_id": "t1", "cell_line": "k562", "pert": "TP53", "gene": "MDM2", "label": "downregulated",
+           "context": None, "teacher_error": None, "answer": "downregulated",
+           "reasoning": "TP53 activates MDM2 transcription, so knocking TP53 down lowers MDM2."}
+
+    async def judged():
+        actor = JudgeActor(list(GRADES), True, prompts.PromptSet.from_config(g), structured=True, endpoint=g.judge,
+                           base_url=endpoint, api_key=SecretStr(KEY), share=1.0, cache_path=tmp_path / "calls.sqlite")
+        try:
+            return await actor.process(row)
+        finally:
+            await actor.client.aclose()
+
+    out = asyncio.run(judged())
+    assert out["judge_error"] is None and out["reject_reason"] is None, out
+    assert json.loads(out["judge_output"])["grade"] == out["grade"] and out["grade"] in GRADES
+
+
 def test_prompt_longer_than_context_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, messages=[{"role": "user", "content": "gene " * 3000}])
