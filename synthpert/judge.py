@@ -36,10 +36,12 @@ REASONS = {
     "grade": "rejected_grade",
 }
 UNPARSEABLE = "unparseable"
-# response_format of the structured judge: what OpenAI's strict json_schema mode accepts
+# response_format of the structured judge. The critique is bounded: SmolLM2-135M's greedy critique
+# loops until max_tokens (measured: still open after 400 tokens), and a verdict that never closes
+# has no grade.
 VERDICT_FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": {
     "type": "object", "additionalProperties": False, "required": ["critique", "grade"],
-    "properties": {"critique": {"type": "string"}, "grade": {"type": "string", "enum": list(GRADES)}}}}}
+    "properties": {"critique": {"type": "string", "maxLength": 600}, "grade": {"type": "string", "enum": list(GRADES)}}}}}
 
 
 def precheck(row: dict[str, Any], require_answer_match: bool) -> str | None:

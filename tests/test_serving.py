@@ -207,7 +207,7 @@ def test_structured_judge_grades_through_json_schema(endpoint, tmp_path):
     from synthpert.config import GRADES, load_config
     from synthpert.judge import JudgeActor
 
-    g = load_config(None, ["generate.judge_structured=true", "generate.judge.max_tokens=160"]).generate
+    g = load_config(None, ["generate.judge_structured=true", "generate.judge.max_tokens=256"]).generate
     row = {"tuple_id": "t1", "cell_line": "k562", "pert": "TP53", "gene": "MDM2", "label": "downregulated",
            "context": None, "teacher_error": None, "answer": "downregulated",
            "reasoning": "TP53 activates MDM2 transcription, so knocking TP53 down lowers MDM2."}
