@@ -105,6 +105,9 @@ class GenerateConfig(Section):
     use_guided_choice: bool | None = None  # None: only for our own endpoint (set true for vLLM)
     # How the grade list is sent: our endpoint's `guided_choice`, or vLLM's `structured_outputs.choice`.
     guided_choice_format: Literal["guided_choice", "structured_outputs"] = "guided_choice"
+    # The judge answers one JSON object {critique, grade} through response_format json_schema (for an
+    # endpoint with structured outputs: ours, vLLM's, OpenAI's); takes precedence over the guided judge.
+    judge_structured: bool = False
     output_dir: Path = Path("runs/traces")
     cache_path: Path | None = None  # durable store of finished calls; None: <output_dir>/calls.sqlite
     actors: int = 2  # Ray Data actors per stage; each gets 1/actors of an endpoint's concurrency and rate caps

@@ -177,6 +177,7 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
         base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache_path=cache_path,
         max_cost_usd=g.max_cost_usd,
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
+        structured=g.judge_structured,
     )
     frames = []
     console.total(len(tuples))

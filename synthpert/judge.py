@@ -5,12 +5,15 @@ teacher error, a malformed trace (no <think> or no <answer>), or, when `require_
 an answer other than the true label. Then the judge, shown the question and the reasoning only
 (SynthPert's critic: never the label or the answer), writes a short critique and then a grade.
 Guided (our endpoint): the critique is generated up to "Grade:", and the grade is then chosen
-among the five by guided_choice; otherwise the grade is parsed from the text, and an
-unparseable grade is a rejection with its reason, never a pass.
+among the five by guided_choice. Structured (`generate.judge_structured`): one call whose
+response_format json_schema makes the answer a JSON object {critique, grade}, the grade one of the
+five. Otherwise the grade is parsed from the text, and an unparseable grade is a rejection with its
+reason, never a pass.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -33,6 +36,12 @@ REASONS = {
     "grade": "rejected_grade",
 }
 UNPARSEABLE = "unparseable"
+# response_format of the structured judge. The critique is bounded: SmolLM2-135M's greedy critique
+# loops until max_tokens (measured: still open after 400 tokens), and a verdict that never closes
+# has no grade.
+VERDICT_FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "strict": True, "schema": {
+    "type": "object", "additionalProperties": False, "required": ["critique", "grade"],
+    "properties": {"critique": {"type": "string", "maxLength": 600}, "grade": {"type": "string", "enum": list(GRADES)}}}}}
 
 
 def precheck(row: dict[str, Any], require_answer_match: bool) -> str | None:
@@ -66,6 +75,17 @@ def grade_choice(cfg: GenerateConfig) -> dict:
     return {"guided_choice": list(GRADES)}
 
 
+def structured_grade(text: str | None) -> str | None:
+    """The grade of a structured verdict; None when the text is not one (an endpoint that ignored
+    the format, an answer cut at max_tokens)."""
+    try:
+        verdict = json.loads(text or "")
+    except json.JSONDecodeError:
+        return None
+    grade = verdict.get("grade") if isinstance(verdict, dict) else None
+    return grade if grade in GRADES else None
+
+
 class JudgeActor(LLMActor):
     """Ray Data actor: grades each row's reasoning and applies the keep rule."""
 
@@ -79,8 +99,9 @@ class JudgeActor(LLMActor):
     ]
 
     def __init__(self, keep: list[str], require_answer_match: bool, prompt_set: prompts.PromptSet,
-                 guided: bool = False, choice: dict | None = None, **kwargs):
+                 guided: bool = False, choice: dict | None = None, structured: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.structured = structured
         self.keep = keep
         self.require_answer_match = require_answer_match
         self.prompt_set = prompt_set
@@ -89,6 +110,8 @@ class JudgeActor(LLMActor):
 
     async def _grade(self, messages: list[dict], scope: dict) -> CallResult:
         """One call, parsed; guided: critique up to the grade marker, then the grade by choice."""
+        if self.structured:
+            return await self.client.complete(messages, scope, extra_body={"response_format": VERDICT_FORMAT})
         if not self.guided:
             return await self.client.complete(messages, scope)
         if self.prompt_set.judge_sees_label:  # the ablation's judge answers one word: choose it
@@ -115,7 +138,7 @@ class JudgeActor(LLMActor):
             if result.error is not None:
                 reason = "judge_error"
             else:
-                grade = prompts.parse_grade(result.text)
+                grade = structured_grade(result.text) if self.structured else prompts.parse_grade(result.text)
                 reason = keep_rule(grade, self.keep)
         return {
             **row,

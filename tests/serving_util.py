@@ -1,8 +1,15 @@
-"""Helpers for the serving tests: real PEFT LoRA adapters built on the embedded model."""
+"""Helpers for the serving tests: real PEFT LoRA adapters built on the embedded model, and a
+judge-like JSON schema for structured outputs."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+# {critique, grade}: what a judge returns; the critique bounded so a small model always closes it
+GRADE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["critique", "grade"],
+                "properties": {"critique": {"type": "string", "maxLength": 120},
+                               "grade": {"type": "string", "enum": ["excellent", "good", "average", "bad", "terrible"]}}}
+JUDGE = [{"role": "user", "content": "Grade this reasoning: 'the gene is up because it is up'. Critique it, then grade it."}]
 
 
 def make_lora_adapters(base_dir: Path, out_dirs: list[Path], rank: int = 8, scale: float = 0.2) -> list[Path]:

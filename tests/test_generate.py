@@ -85,6 +85,16 @@ def test_keep_rule_checks_cheap_things_first_and_counts_add_up():
                                    "rejected_malformed": 1, "errored": 2, "completed": 6}
 
 
+@pytest.mark.unit
+def test_structured_verdict_grade_or_none():
+    """A structured judge's grade comes from its JSON verdict; anything else is unparseable (never a pass)."""
+    assert judge.structured_grade('{"critique": "sound", "grade": "good"}') == "good"
+    for text in (None, "", "Grade: good", '{"critique": "cut off', '["good"]', '{"grade": "superb"}'):
+        assert judge.structured_grade(text) is None
+    schema = judge.VERDICT_FORMAT["json_schema"]["schema"]
+    assert schema["properties"]["grade"]["enum"] == list(judge.GRADES) and schema["additionalProperties"] is False
+
+
 def _assert_secret_nowhere(roots: list[Path], *texts: str) -> None:
     assert all(SECRET not in text for text in texts)
     for root in roots:

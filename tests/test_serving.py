@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from synthpert.config import ServeConfig
-from tests.serving_util import make_lora_adapters
+from tests.serving_util import GRADE_SCHEMA, JUDGE, make_lora_adapters
 
 pytestmark = pytest.mark.serve
 
@@ -155,6 +155,73 @@ def test_bad_parameters_are_400(client, bad):
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, extra_body={**kwargs, **bad})
     assert err.value.body["type"] == "invalid_request_error"
+
+
+CAT = [{"role": "user", "content": "Write the word 'cat' ten times, separated by spaces."}]
+
+
+def test_structured_outputs_parse_and_validate(client):
+    """What LangChain's with_structured_output(method="json_schema") sends; json_object streamed;
+    an unknown format or a broken constraint is a 400 that says which."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "grade", "schema": GRADE_SCHEMA, "strict": True}}
+    replies = chat(client, messages=JUDGE, max_tokens=96, temperature=1.0, seed=3, n=2, response_format=fmt)
+    for choice in replies.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), GRADE_SCHEMA)
+    chunks = chat(client, messages=JUDGE, max_tokens=96, temperature=0, stream=True, response_format={"type": "json_object"})
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), dict)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        chat(client, response_format={"type": "xml"})
+    with pytest.raises(openai.BadRequestError, match="regex output constraint cannot be compiled"):
+        chat(client, extra_body={"guided_regex": "(unclosed"})
+
+
+def test_penalties_and_logit_bias_change_greedy_output(client, embedded_model):
+    from transformers import AutoTokenizer
+
+    banana = AutoTokenizer.from_pretrained(embedded_model)(" banana", add_special_tokens=False).input_ids[0]
+    plain = chat(client, messages=CAT, max_tokens=20, temperature=0).choices[0].message.content
+    for kwargs in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1.5}}):
+        assert chat(client, messages=CAT, max_tokens=20, temperature=0, **kwargs).choices[0].message.content != plain
+    biased = chat(client, messages=CAT, max_tokens=4, temperature=0, logit_bias={str(banana): 100})
+    assert biased.choices[0].message.content.split()[0] == "banana"
+
+
+def test_unsupported_features_are_400_and_client_fields_ignored(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        chat(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert "`tools` is not supported" in err.value.message and err.value.param == "tools"
+    plain = chat(client, temperature=0).choices[0].message.content
+    assert chat(client, temperature=0, user="u1", metadata={"run": "x"}, store=False, service_tier="auto",
+                prompt_cache_key="k").choices[0].message.content == plain
+
+
+def test_structured_judge_grades_through_json_schema(endpoint, tmp_path):
+    """generate.judge_structured: one call, a {critique, grade} JSON verdict, its grade kept."""
+    from pydantic import SecretStr
+
+    from synthpert import prompts
+    from synthpert.config import GRADES, load_config
+    from synthpert.judge import JudgeActor
+
+    g = load_config(None, ["generate.judge_structured=true", "generate.judge.max_tokens=256"]).generate
+    row = {"tuple_id": "t1", "cell_line": "k562", "pert": "TP53", "gene": "MDM2", "label": "downregulated",
+           "context": None, "teacher_error": None, "answer": "downregulated",
+           "reasoning": "TP53 activates MDM2 transcription, so knocking TP53 down lowers MDM2."}
+
+    async def judged():
+        actor = JudgeActor(list(GRADES), True, prompts.PromptSet.from_config(g), structured=True, endpoint=g.judge,
+                           base_url=endpoint, api_key=SecretStr(KEY), share=1.0, cache_path=tmp_path / "calls.sqlite")
+        try:
+            return await actor.process(row)
+        finally:
+            await actor.client.aclose()
+
+    out = asyncio.run(judged())
+    assert out["judge_error"] is None and out["reject_reason"] is None, out
+    assert json.loads(out["judge_output"])["grade"] == out["grade"] and out["grade"] in GRADES
 
 
 def test_prompt_longer_than_context_is_400(client):

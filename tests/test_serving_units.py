@@ -7,8 +7,8 @@ import pytest
 
 from synthpert.errors import SynthPertError
 from synthpert.serving.adapters import check_adapter_names, parse_adapter_specs, resolve_adapter
-from synthpert.serving.protocol import ChatRequest, Sampling
-from tests.serving_util import make_lora_adapters
+from synthpert.serving.protocol import APIError, ChatRequest, Sampling, check_supported
+from tests.serving_util import GRADE_SCHEMA, JUDGE, make_lora_adapters
 
 
 @pytest.mark.unit
@@ -53,8 +53,9 @@ def _ids(engine, question):
     return engine.tokenizer(req.prompt_text(engine.tokenizer), add_special_tokens=False).input_ids
 
 
-def _decode(engine, jobs, late=()):
-    """Greedy texts per (key, job); `late` jobs join the running batch after two steps."""
+def _decode(engine, jobs, late=(), finishes=None):
+    """Texts per (key, job) (each job's last completion); `late` jobs join the running batch after
+    two steps. `finishes`, when given, collects (key, job, index) -> (text, finish_reason)."""
     from synthpert.serving.hf_engine import Decoding
 
     decoding, texts, steps = Decoding(engine), {}, 0
@@ -62,6 +63,9 @@ def _decode(engine, jobs, late=()):
     while results:
         for key, j, d in results:
             texts[key, j] = texts.get((key, j), "") + d.text
+            if finishes is not None:
+                text, _ = finishes.get((key, j, d.index), ("", None))
+                finishes[key, j, d.index] = text + d.text, d.finish_reason
         steps += 1
         results = decoding.step() + (decoding.admit(list(late), "late") if steps == 2 and late else [])
     return texts
@@ -189,3 +193,90 @@ def test_scoring_after_a_generation_reuses_its_kv_cache(engine):
     engine.prefix_cache.drop("__base__")  # what unloading an adapter does to its entries
     assert not engine.prefix_cache.entries and engine.prefix_cache.bytes == 0
     assert engine.prefix_cache.longest("__base__", ids) == (0, None)
+
+
+
+
+@pytest.mark.unit
+def test_structured_output_and_parameter_rules():
+    msgs = [{"role": "user", "content": "hi"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "grade", "schema": GRADE_SCHEMA, "strict": True}}
+    req = ChatRequest(model="m", messages=msgs, response_format=fmt, user="u", metadata={"k": "v"}, store=False,
+                      presence_penalty=-2, frequency_penalty=2, repetition_penalty=1.3, logit_bias={"7": -100})
+    body = req.model_dump(exclude_none=True)
+    assert body["response_format"] == fmt  # forwarded to vLLM with OpenAI's key names
+    assert not {"user", "metadata", "store"} & set(body)  # accepted, dropped
+    assert req.grammar()[0] == "json" and req.model_copy(update={"max_tokens": 4}).sampling().logit_bias == {7: -100}
+    legacy = ChatRequest(model="m", messages=msgs, guided_json=GRADE_SCHEMA).model_dump(exclude_none=True)
+    assert legacy["structured_outputs"] == {"json": GRADE_SCHEMA} and "guided_json" not in legacy  # vLLM 0.32's name
+    assert ChatRequest(model="m", messages=msgs, guided_regex="a+").grammar() == ("regex", "a+")
+    assert ChatRequest(model="m", messages=msgs, response_format={"type": "json_object"}).grammar() == ("json_object", "")
+    assert ChatRequest(model="m", messages=msgs, response_format={"type": "text"}).grammar() is None
+    for bad, field in (({"response_format": {"type": "xml"}}, "response_format"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+                       ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+                       ({"guided_regex": "a", "guided_choice": ["a"]}, "one output constraint"),
+                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"a": 1}}, "logit_bias"),
+                       ({"nonsense": 1}, "nonsense")):
+        with pytest.raises(ValueError, match=field):
+            ChatRequest(model="m", messages=msgs, **bad)
+    check_supported({"modalities": ["text"], "tool_choice": "none", "user": "u"})
+    for field, value in (("tools", [{"type": "function"}]), ("modalities", ["text", "audio"]), ("functions", [{}])):
+        with pytest.raises(APIError, match=f"`{field}` is not supported") as err:
+            check_supported({field: value})
+        assert err.value.status == 400 and err.value.param == field
+
+
+@pytest.mark.slow
+def test_constrained_rows_always_parse_and_validate(engine):
+    """Grammar-constrained rows (a schema sampled three times, any JSON object, a regex) decode in
+    one batch with a free row; each constrained output is complete and valid, the free row is
+    what it is alone."""
+    import json
+    import re
+
+    import jsonschema
+
+    from synthpert.serving.hf_engine import Job
+
+    prompt = _ids(engine, JUDGE[0]["content"])
+
+    def job(kind, source, **sampling):
+        return Job(prompt, Sampling(**{"max_tokens": 96, "temperature": 0, **sampling}),
+                   grammar=engine.grammars.compile(kind, source))
+
+    regex = r"(yes|no), [0-9]{2}"
+    jobs = [job("json", json.dumps(GRADE_SCHEMA), temperature=1.0, n=3, seed=5), job("json_object", ""),
+            job("regex", regex), job("choice", json.dumps(["up", "down"])),
+            Job(prompt, Sampling(max_tokens=12, temperature=0))]
+    out = {}
+    texts = _decode(engine, jobs, finishes=out)
+    for i in range(3):
+        text, finish = out["early", 0, i]
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), GRADE_SCHEMA)
+    assert out["early", 1, 0][1] == "stop" and isinstance(json.loads(out["early", 1, 0][0]), dict)
+    assert re.fullmatch(regex, texts["early", 2]) and texts["early", 3] in ("up", "down")
+    assert texts["early", 4] == _decode(engine, [jobs[4]])["early", 0]
+    with pytest.raises(APIError, match="json output constraint cannot be compiled: Unsupported type"):
+        engine.grammars.compile("json", '{"type": "nope"}')
+
+
+@pytest.mark.slow
+def test_penalties_and_logit_bias_change_greedy_output(engine):
+    """Each setting changes the greedy text; rows with different settings share one batch without
+    touching each other (the plain row is what it is alone)."""
+    from synthpert.serving.hf_engine import Job
+
+    prompt = _ids(engine, "Write the word 'cat' ten times, separated by spaces.")
+    banana = engine.tokenizer(" banana", add_special_tokens=False).input_ids[0]
+    settings = [{}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.5},
+                {"frequency_penalty": -2.0}, {"logit_bias": {banana: 100.0}}]
+    jobs = [Job(prompt, Sampling(max_tokens=20, temperature=0, **kw)) for kw in settings]
+    batch = _decode(engine, jobs)
+    texts = [batch["early", j] for j in range(len(jobs))]
+    plain = _decode(engine, jobs[:1])["early", 0]
+    assert texts[0] == plain
+    assert all(text != plain for text in texts[1:]), texts
+    assert texts[-1].split()[:2] == ["banana", "banana"]

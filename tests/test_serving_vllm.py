@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from synthpert.config import ServeConfig
-from tests.serving_util import make_lora_adapters
+from tests.serving_util import GRADE_SCHEMA, JUDGE, make_lora_adapters
 
 pytestmark = pytest.mark.serve
 
@@ -99,6 +99,24 @@ def test_vllm_chat_stream_and_adapter(client):
     assert chunks[-1].usage is not None
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)
+
+
+def test_vllm_structured_outputs_and_penalties_pass_through(client):
+    """json_schema (and vLLM's older guided_json name, which vLLM itself now ignores) validate;
+    a penalty changes the greedy text."""
+    import json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "grade", "schema": GRADE_SCHEMA, "strict": True}}
+    for kwargs in ({"response_format": fmt}, {"extra_body": {"guided_json": GRADE_SCHEMA}}):
+        reply = client.chat.completions.create(model="base", messages=JUDGE, max_tokens=96, temperature=0, **kwargs)
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content), GRADE_SCHEMA)
+    cat = [{"role": "user", "content": "Write the word 'cat' ten times, separated by spaces."}]
+    plain, penalized = (client.chat.completions.create(model="base", messages=cat, max_tokens=20, temperature=0, **kw)
+                        .choices[0].message.content for kw in ({}, {"frequency_penalty": 2.0}))
+    assert penalized != plain
 
 
 def test_vllm_guided_choice_scores_are_the_models_own_loglikelihoods(client, reference):

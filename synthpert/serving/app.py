@@ -38,7 +38,7 @@ from synthpert.models import resolve_model
 from synthpert.serving.adapters import check_adapter_names
 from synthpert.serving.admission import Admission
 from synthpert.serving.metrics import IngressMetrics
-from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, sse
+from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, check_supported, sse
 
 # no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
 api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -57,10 +57,14 @@ def prepare(body: Any, tokenizer: Any, max_model_len: int,
 
     Returns the request (max_tokens filled in when absent), the prompt text and its token ids.
     """
+    check_supported(body)
     try:
         req = ChatRequest.model_validate(body)
     except ValidationError as exc:
         raise APIError(400, _validation_message(exc)) from None
+    if req.logit_bias and max(map(int, req.logit_bias)) >= len(tokenizer):
+        raise APIError(400, f"logit_bias names a token id beyond the vocabulary ({len(tokenizer)} tokens)",
+                       param="logit_bias")
     if known_models is not None and req.model not in known_models:
         raise APIError(404, f"model {req.model!r} does not exist; available: {', '.join(known_models)}",
                        param="model", type_="not_found_error")

@@ -4,8 +4,8 @@
 group is prefilled in one forward pass (prompts left-padded) and then joins the batch already
 decoding (continuous batching: its KV cache is left-padded and concatenated onto the running one).
 Every decode step is ONE forward pass for all running rows (at most `max_batch_size`); finished
-rows leave the batch at once. Each row keeps its own sampling parameters, seed, stop strings and
-adapter (PEFT mixed-adapter batches: `adapter_names` per row).
+rows leave the batch at once. Each row keeps its own sampling parameters, seed, stop strings,
+penalties, logit bias, output grammar and adapter (PEFT mixed-adapter batches: `adapter_names` per row).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
+import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
@@ -26,7 +28,7 @@ from ray import serve
 
 from synthpert.serving.adapters import load_error, resolve_adapter
 from synthpert.serving.metrics import EngineMetrics
-from synthpert.serving.protocol import ChatRequest, Delta, Sampling, TokenLogprob, assemble, sse
+from synthpert.serving.protocol import APIError, ChatRequest, Delta, Sampling, TokenLogprob, assemble, sse
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -38,6 +40,7 @@ class Job:
     prompt_ids: list[int]
     sampling: Sampling
     adapter: str | None = None
+    grammar: Any = None  # the compiled output constraint (Grammars.compile), if any
     cancelled: bool = False  # its caller has gone: the rows leave the batch at the next step
 
 
@@ -53,6 +56,9 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     finish: str | None = None
+    matcher: Any = None  # xgrammar GrammarMatcher: where the row's output is in its grammar
+    counts: Any = None  # penalties: [vocab] times each token was generated
+    seen: Any = None  # repetition_penalty: [vocab] whether a token is in the prompt or the output
 
 
 def _seed(seed: int | None, index: int) -> int:
@@ -115,6 +121,58 @@ class PrefixCache:
             self.bytes -= self.entries.pop(key)[3]
 
 
+class Grammars:
+    """Output constraints (JSON schema, any JSON object, regex, choice, EBNF grammar) compiled for
+    one tokenizer; each constrained row gets its own matcher, which masks the tokens its grammar
+    forbids before sampling and accepts the token sampled.
+
+    xgrammar rather than llguidance (both maintained, native, on the CPU): on SmolLM2-135M's
+    tokenizer, one next-token mask for a {critique, grade-enum} schema took a median 7 us with
+    xgrammar (p90 15 us) and 10 us with llguidance (p90 102 us); for any JSON object, 8 us vs 40 us.
+    Compiling a schema takes ~10 ms, once per schema (the compiler caches it). xgrammar is also
+    vLLM's default backend, so both engines read a schema alike. JSON is written compactly
+    (any_whitespace=False): a small model otherwise can emit whitespace until max_tokens.
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: set[int]):
+        import xgrammar
+
+        self.xgr, self.vocab_size = xgrammar, vocab_size
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
+        self.compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+
+    def compile(self, kind: str, source: str) -> Any:
+        """A compiled grammar for ChatRequest.grammar()'s (kind, source); a bad one is a 400."""
+        c = self.compiler
+        try:
+            if kind == "json":
+                return c.compile_json_schema(source, any_whitespace=False)
+            if kind == "json_object":
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            if kind == "regex":
+                return c.compile_regex(source)
+            if kind == "choice":
+                return c.compile_grammar("root ::= " + " | ".join(json.dumps(x, ensure_ascii=False) for x in json.loads(source)))
+            return c.compile_grammar(source)
+        except Exception as exc:  # xgrammar's reason comes after its "[time] source.cc:line: " prefix
+            reason = re.sub(r"^\[[\d:]+\] \S+: ", "", str(exc).strip())
+            raise APIError(400, f"the {kind} output constraint cannot be compiled: {reason}") from None
+
+    def matcher(self, compiled: Any) -> Any:
+        return self.xgr.GrammarMatcher(compiled)
+
+    def mask(self, rows: list[_Row], logits: Any) -> None:
+        """-inf on every token a constrained row's grammar forbids next (in place)."""
+        constrained = [b for b, row in enumerate(rows) if row.matcher is not None]
+        if not constrained:
+            return
+        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for b in constrained:
+            rows[b].matcher.fill_next_token_bitmask(bitmask, b)
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                             indices=constrained)
+
+
 class HFEngine:
     """A causal LM plus LoRA adapters; thread-confined: call it from one worker thread only."""
 
@@ -134,6 +192,8 @@ class HFEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.adapters: set[str] = set()
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
 
     # ---- adapters -------------------------------------------------------------------------
     def add_adapter(self, name: str, path: Path) -> None:
@@ -224,6 +284,13 @@ class Decoding:
         rows = [_Row(key, j, job, i, job.sampling, job.adapter or BASE,
                      torch.Generator().manual_seed(_seed(job.sampling.seed, i)))
                 for j, job in enumerate(jobs) for i in range(job.sampling.n)]
+        for row in rows:
+            if row.source.grammar is not None:
+                row.matcher = engine.grammars.matcher(row.source.grammar)
+            if row.sampling.penalized:
+                row.counts = torch.zeros(engine.vocab_size, device=engine.device)
+                row.seen = torch.zeros(engine.vocab_size, dtype=torch.bool, device=engine.device)
+                row.seen[torch.tensor(row.source.prompt_ids, device=engine.device)] = True
         aborted = [self._abort(row) for row in rows if row.source.cancelled]
         rows = [row for row in rows if not row.source.cancelled]  # gone while queued: no prefill
         if not rows:
@@ -277,7 +344,8 @@ class Decoding:
     def _advance_all(self, rows: list[_Row], logits: Any) -> tuple[list[tuple[Any, int, Delta]], Any, list[int]]:
         logits = logits.float()
         logp = self.engine.torch.log_softmax(logits, dim=-1)
-        tokens = self._sample(rows, logits)
+        with self.engine.torch.inference_mode():  # the logits are inference tensors, adjusted in place
+            tokens = self._sample(rows, logits)
         results = [self._abort(row) if row.source.cancelled else (row.key, row.job, self._advance(row, int(tokens[b]), logp[b]))
                    for b, row in enumerate(rows)]
         return results, tokens, [b for b, row in enumerate(rows) if row.finish is None]
@@ -324,8 +392,30 @@ class Decoding:
         self.next_ids = torch.cat([self.next_ids, tokens])
         self.rows = self.rows + rows
 
-    def _sample(self, rows: list[_Row], logits: Any) -> Any:
+    def _adjust(self, rows: list[_Row], logits: Any) -> None:
+        """Each row's logit bias, then its penalties (vLLM's order and formulas: repetition divides
+        a positive logit of a prompt-or-output token by the penalty and multiplies a negative one;
+        frequency subtracts per generated occurrence, presence once), then its grammar mask, in place.
+        Hand-written: transformers' LogitsProcessors apply one setting to a whole batch, each row
+        here has its own, and transformers has no presence/frequency penalty."""
         torch = self.engine.torch
+        for b, row in enumerate(rows):
+            s = row.sampling
+            if s.logit_bias:
+                ids = torch.tensor(list(s.logit_bias), device=logits.device)
+                logits[b, ids] += torch.tensor(list(s.logit_bias.values()), device=logits.device)
+            if row.counts is not None:
+                x = logits[b]
+                if s.repetition_penalty != 1.0:
+                    x = torch.where(row.seen, torch.where(x > 0, x / s.repetition_penalty, x * s.repetition_penalty), x)
+                logits[b] = x - s.frequency_penalty * row.counts - s.presence_penalty * (row.counts > 0)
+        self.engine.grammars.mask(rows, logits)
+
+    def _sample(self, rows: list[_Row], logits: Any) -> Any:
+        """The next token per row, from its adjusted logits (logprobs stay the model's raw ones, as
+        vLLM reports them by default)."""
+        torch = self.engine.torch
+        self._adjust(rows, logits)
         picks = logits.argmax(dim=-1)
         for b, row in enumerate(rows):
             s = row.sampling
@@ -343,8 +433,13 @@ class Decoding:
     def _advance(self, row: _Row, token: int, logp: Any) -> Delta:
         engine, s = self.engine, row.sampling
         stopped_by_eos = token in engine.eos_ids
+        if row.matcher is not None and not row.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} is outside the row's grammar, which masked it")
         if not stopped_by_eos:
             row.ids.append(token)
+            if row.counts is not None:
+                row.counts[token] += 1
+                row.seen[token] = True
         logprobs = []
         if s.logprobs:
             top = []
@@ -556,8 +651,10 @@ class HFServer:
     async def _deltas(self, req: ChatRequest, prompt_ids: list[int]) -> AsyncIterator[list[Delta]]:
         """Serve keeps a @serve.batch generator running after its callers are cancelled, so a
         client that disconnects (or times out and retries) marks its job: the rows stop decoding."""
+        sampling = req.sampling()
+        grammar = await asyncio.to_thread(self.engine.grammars.compile, *sampling.grammar) if sampling.grammar else None
         async with self._adapter_for_request() as adapter:
-            job = Job(prompt_ids, req.sampling(), adapter)
+            job = Job(prompt_ids, sampling, adapter, grammar)
             try:
                 async for deltas in self._generate(job):
                     yield deltas

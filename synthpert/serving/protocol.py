@@ -6,6 +6,14 @@ Extensions (sent by the `openai` client in `extra_body`, as vLLM names them):
   sampled from softmax(loglik / temperature)). The response then carries `choice_logprobs`:
   `{choice: summed token log-probability}`, the scores the pick was made from.
 - `continue_final_message: true`: a trailing assistant message is continued (no new turn).
+
+Structured outputs, OpenAI's and vLLM's names: `response_format` (`json_object`, `json_schema`),
+`structured_outputs` ({json | regex | choice | grammar | json_object}) and the older `guided_json` /
+`guided_regex` (moved into `structured_outputs`, the only form vLLM 0.32 reads). These constrain
+decoding by a grammar on both engines; `guided_choice` keeps its likelihood-scoring contract.
+Sampling parameters beyond OpenAI's: `repetition_penalty` (vLLM's). Fields clients send that do not
+change the answer (`user`, `metadata`, ...) are accepted and dropped; features we do not serve
+(`tools`, ...) are a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -15,12 +23,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+# OpenAI features this endpoint does not serve: a 400 that names them, not a silent plain answer
+UNSUPPORTED_FIELDS = {
+    "tools": "tool calling", "tool_choice": "tool calling", "functions": "function calling",
+    "function_call": "function calling", "audio": "audio output", "modalities": "output modalities other than text",
+    "prediction": "predicted outputs", "web_search_options": "web search",
+}
 
 
 class APIError(Exception):
@@ -38,6 +52,17 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+def check_supported(body: Any) -> None:
+    """A 400 naming the first unsupported feature the request asks for (its neutral values pass)."""
+    if not isinstance(body, dict):
+        return
+    for name, what in UNSUPPORTED_FIELDS.items():
+        value = body.get(name)
+        if value is None or (name, value) in (("modalities", ["text"]), ("tool_choice", "none")):
+            continue
+        raise APIError(400, f"`{name}` is not supported: this endpoint serves no {what}", param=name)
 
 
 class TextPart(BaseModel):
@@ -60,6 +85,59 @@ class StreamOptions(BaseModel):
     include_usage: bool = True
 
 
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(BaseModel):
+    """`json_schema` is kept as the client's dict ({name, schema, strict, description}) so it reaches
+    vLLM with its own key names (`schema` would shadow a BaseModel attribute as a field)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: dict[str, Any]
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - {"name", "schema", "strict", "description"}
+        if unknown or not isinstance(value.get("schema"), dict):
+            raise ValueError("json_schema takes {name, schema (a JSON Schema object), strict, description}"
+                             + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
+        return value
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "StructuredOutputs":
+        if len(self.model_dump(exclude_none=True)) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def grammar_spec(self) -> tuple[str, str]:
+        """(kind, source) for the transformers engine's grammar compiler."""
+        (kind, value), = self.model_dump(exclude_none=True).items()
+        return kind, value if isinstance(value, str) else json.dumps(value)
+
+
 class ChatRequest(BaseModel):
     """A chat completion request. Unknown fields are rejected (400), so a typo is never ignored."""
 
@@ -78,14 +156,27 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    # accepted for client compatibility; only their neutral value is supported
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    # OpenAI's penalties: subtracted from a token's logit, once if it was generated / per time it was
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as JSON writes it) -> added to its logit
+    response_format: ResponseFormat | None = None
     # extensions (extra_body)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's: prompt or generated tokens' logits / it (> 0) or * it
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, exclude=True)  # -> structured_outputs.json
+    guided_regex: str | None = Field(None, exclude=True)  # -> structured_outputs.regex
     guided_choice: list[str] | None = Field(None, min_length=1)
     continue_final_message: bool = False
     add_generation_prompt: bool | None = None
+    # sent by common clients, no effect on the completion: accepted, never forwarded to an engine
+    user: Any = Field(None, exclude=True)
+    metadata: Any = Field(None, exclude=True)
+    store: Any = Field(None, exclude=True)
+    service_tier: Any = Field(None, exclude=True)
+    parallel_tool_calls: Any = Field(None, exclude=True)
+    prompt_cache_key: Any = Field(None, exclude=True)
+    safety_identifier: Any = Field(None, exclude=True)
 
     @field_validator("stop")
     @classmethod
@@ -94,6 +185,15 @@ class ChatRequest(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and any(not -100 <= v <= 100 for v in value.values()):
+            raise ValueError("logit_bias values must lie in [-100, 100]")
+        if value and not all(k.isdigit() for k in value):
+            raise ValueError("logit_bias keys are token ids (non-negative integers)")
+        return value or None
 
     @field_validator("guided_choice")
     @classmethod
@@ -104,6 +204,17 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatRequest":
+        legacy = {k: v for k, v in (("json", self.guided_json), ("regex", self.guided_regex)) if v is not None}
+        if legacy:  # vLLM 0.32 ignores the guided_* names (unconstrained output): move them
+            if self.structured_outputs is not None:
+                raise ValueError("give guided_json / guided_regex or structured_outputs, not both")
+            self.structured_outputs = StructuredOutputs.model_validate(legacy)
+            self.guided_json = self.guided_regex = None
+        constraints = [name for name in ("response_format", "structured_outputs", "guided_choice")
+                       if getattr(self, name) is not None
+                       and not (name == "response_format" and self.response_format.type == "text")]
+        if len(constraints) > 1:
+            raise ValueError(f"one output constraint at a time, got {' and '.join(constraints)}")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs=true")
         if self.n > 1 and self.temperature == 0 and not self.guided_choice:
@@ -130,12 +241,24 @@ class ChatRequest(BaseModel):
         return tokenizer.apply_chat_template(self.chat_messages(), tokenize=False, add_generation_prompt=add,
                                              continue_final_message=self.continue_final_message)
 
+    def grammar(self) -> tuple[str, str] | None:
+        """The output constraint as (kind, source): kind is json (a schema), json_object, regex,
+        choice (a JSON list) or grammar (EBNF); None when the output is free text."""
+        fmt = self.response_format
+        if isinstance(fmt, JSONObjectFormat):
+            return "json_object", ""
+        if isinstance(fmt, JSONSchemaFormat):
+            return "json", json.dumps(fmt.json_schema["schema"])
+        return self.structured_outputs.grammar_spec() if self.structured_outputs else None
+
     def sampling(self) -> "Sampling":
         """Engine sampling parameters (max_tokens must have been filled in by the ingress)."""
         assert self.token_limit is not None
         return Sampling(max_tokens=self.token_limit, temperature=self.temperature, top_p=self.top_p, n=self.n,
                         stop=list(self.stop or []), seed=self.seed, logprobs=self.logprobs,
-                        top_logprobs=self.top_logprobs or 0)
+                        top_logprobs=self.top_logprobs or 0, presence_penalty=self.presence_penalty,
+                        frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                        logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()}, grammar=self.grammar())
 
 
 @dataclass
@@ -150,6 +273,15 @@ class Sampling:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: tuple[str, str] | None = None  # ChatRequest.grammar()
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 What `ray.serve.llm` gives us unchanged: LLMConfig -> vLLM engine args, engine start-up and
 placement (GPU bundles, tensor parallelism), LoRA multiplexing (`serve.multiplexed` + vLLM's
 dynamic LoRA loading) and vLLM's own OpenAI chat implementation (sampling, seed, n, stop,
-logprobs, streaming, continue_final_message). What we add: adapters from a local folder or an
+penalties, logit_bias, logprobs, streaming, continue_final_message, and structured outputs: the
+ingress forwards `response_format` and `structured_outputs`, the older `guided_json`/`guided_regex`
+already moved into the latter, which vLLM 0.32 would ignore). What we add: adapters from a local folder or an
 MLflow URI (its loader only knows s3/gs/azure buckets) and the engine interface our ingress calls
 (`complete`, `complete_stream`, `loglikelihoods`).
 Its OpenAI ingress (`build_openai_app`) is not used: ours adds auth, likelihood-ranked
