@@ -14,24 +14,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-from pydantic import SecretStr
 
 from synthpert import console, estimate, prompts, tracking
+from synthpert.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.cluster import ray_session
-from synthpert.config import Config, DataConfig, EndpointConfig, GenerateConfig
+from synthpert.config import Config, GenerateConfig
+from synthpert.data.tuples import sample_tuples
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
 from synthpert.llm.cache import CallCache
 from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
+from synthpert.llm.endpoint import api_key, endpoint_identity
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
 
 STAGE = "generate"
@@ -48,8 +49,6 @@ SFT_SCHEMA = pa.schema(
 def prompt_hash(messages: list[dict]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
 
-
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN = "<think>", "</think>", "<answer>"
 
 
 class TeacherActor(LLMActor):
@@ -93,7 +92,7 @@ class TeacherActor(LLMActor):
         trace = f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{ANSWER_OPEN}"
         answer = await self.client.complete(continue_with(messages, trace), scope | {"step": "answer"}, extra_body=GUIDED_LABELS)
         merged = CallResult.merge(think, answer)
-        merged.text = f"{trace}{answer.text}</answer>" if answer.error is None else None
+        merged.text = f"{trace}{answer.text}{ANSWER_CLOSE}" if answer.error is None else None
         return merged
 
 
@@ -109,48 +108,6 @@ ATTEMPTS_SCHEMA = pa.schema(
     + [("error", pa.string()), ("tokens_in", pa.int64()), ("tokens_out", pa.int64()),
        ("latency_s", pa.float64()), ("cost_usd", pa.float64())]
 )
-
-
-def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
-    """The seeded sample of training and validation tuples (fraction/limit), with prompt context.
-
-    The context's labelled neighbours come from the training rows only, with the tuple's own
-    perturbation left out, exactly as for a test tuple (synthpert.data.knowledge).
-    """
-    from synthpert.data import build_split
-
-    pairs = build_split(data_cfg)
-    picked = pairs[pairs["split"].isin(["train", "validation"])].reset_index(drop=True)
-    if picked.empty:
-        raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
-    return with_context(picked, pairs, data_cfg)
-
-
-def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
-    """Prompt rows for `pairs`: tuple id, the tuple, its label and split, and knowledge context from
-    the rows of `train` whose split is train (only those)."""
-    frame = pairs[["cell_line", "pert", "gene", "label", "split"]].astype(str).reset_index(drop=True)
-    frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
-    context = [""] * len(frame)
-    if data_cfg.knowledge.enabled:
-        from synthpert.data import Knowledge
-
-        knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
-        context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
-    return frame.assign(context=context)
-
-
-def api_key(endpoint: EndpointConfig, cfg: Config) -> SecretStr | None:
-    """The endpoint's key from its env var (our own endpoint: the serve key), kept out of reprs."""
-    key = endpoint.api_key()
-    if key is None and endpoint.base_url is None:
-        key = os.environ.get(cfg.serve.api_key_env)
-    return SecretStr(key) if key else None
-
-
-def endpoint_identity(endpoint: EndpointConfig, cfg: Config) -> Any:
-    """Who answers the endpoint's calls: its address, or for our own endpoint what it serves."""
-    return endpoint.base_url if endpoint.base_url is not None else cfg.serve.identity()
 
 
 def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> pd.DataFrame:
@@ -207,7 +164,7 @@ def sft_rows(attempts: pd.DataFrame) -> pd.DataFrame:
     kept = attempts[attempts["accepted"]]
     messages = [
         [*prompts.student_messages(row, row["context"]),
-         {"role": "assistant", "content": f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"}]
+         {"role": "assistant", "content": f"{THINK_OPEN}{row['reasoning']}{THINK_CLOSE}{prompts.format_answer(row['answer'])}"}]
         for row in kept.to_dict("records")
     ]
     return kept[["cell_line", "pert", "gene", "label", "split"]].assign(messages=pd.Series(messages, index=kept.index, dtype=object))

@@ -4,10 +4,11 @@
 Every stage writes into `<run_dir>/<stage>-<key>/`, where the key hashes exactly what the stage
 declares it reads (DECLARED): the config fields, our endpoint's identity when it calls it, and its
 upstream stages' keys or output digests, so a change upstream changes every key downstream. A
-directory that holds `stage.json` (the result and those inputs) is a finished stage and is skipped,
-so a re-run after a failure resumes where it stopped and a second run of the same config recomputes
-nothing; `plan` says, without running anything, which stages would run and which input changed.
-All stage runs nest under one MLflow parent run per invocation.
+directory that holds `stage.json` (the stage's typed result, synthpert.results, with those inputs)
+is a finished stage and is skipped, so a re-run after a failure resumes where it stopped and a
+second run of the same config recomputes nothing; one an older version wrote that no longer
+validates runs again. `plan` says, without running anything, which stages would run and which
+input changed. All stage runs nest under one MLflow parent run per invocation.
 """
 
 from __future__ import annotations
@@ -21,16 +22,27 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import pandas as pd
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from synthpert import console, prompts, tracking
 from synthpert.artifacts import _atomic_write, read_manifest
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
+from synthpert.results import (
+    EvaluateResult,
+    Metrics,
+    PredictResult,
+    RegisterResult,
+    ReportResult,
+    StageResult,
+    TraceSummary,
+    TracesResult,
+    TrainResult,
+)
 
 STAGE_FILE = "stage.json"
 STUDENT = "student-cot"  # the served names of the two adapters
@@ -38,6 +50,7 @@ RAW = "student-raw"
 CHAMPION = "champion"
 MODES = ("cot", "raw")  # the two students: reasoning traces, and the raw label only
 SCORES = ("auroc_de", "auroc_dir", "accuracy", "macro_f1", "trivial_accuracy")
+R = TypeVar("R", bound=StageResult)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,38 +148,53 @@ class Pipeline:
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
-    def stage(self, name: str, inputs: dict, fn: Callable[[Path], dict]) -> dict:
-        """`fn(out_dir)` once per key; its JSON result, with the inputs, is kept in `stage.json` for later runs."""
+    def stage(self, name: str, inputs: dict, kind: type[R], fn: Callable[[Path], dict[str, Any]] | None) -> R:
+        """`fn(out_dir)` once per key: its fields, with the record (key, dir, inputs ...), are validated
+        as `kind` at once (a stage that makes a wrong result fails, not the stage that reads it) and
+        kept in `stage.json` for later runs."""
         key = stage_key(inputs)
-        finished = self.result(name, key)
+        finished = self.result(name, key, kind)
         if finished is not None:
             self.skipped.append(name)
-            console.finish(name, "skipped", 0.0, finished["dir"])
+            console.finish(name, "skipped", 0.0, finished.dir)
             return finished
         out = self.root / f"{name}-{key}"
-        done = out / STAGE_FILE
         out.mkdir(parents=True, exist_ok=True)
         started = time.time()
         console.start(name)
-        result = fn(out) | {"stage": name, "key": key, "dir": str(out), "wall_s": round(time.time() - started, 2), "inputs": inputs}
-        _atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2, sort_keys=True, default=str)))
+        fields = fn(out)
+        result = kind.model_validate({**fields, "stage": name, "key": key, "dir": out, "wall_s": round(time.time() - started, 2), "inputs": inputs})
+        text = json.dumps(result.model_dump(mode="json"), indent=2, sort_keys=True)
+        _atomic_write(out / STAGE_FILE, lambda tmp: Path(tmp).write_text(text))
         self.ran.append(name)
-        console.finish(name, "ran", result["wall_s"], out)
+        console.finish(name, "ran", result.wall_s, out)
         return result
 
-    def is_done(self, name: str, key: str) -> bool:
-        return (self.root / f"{name}-{key}" / STAGE_FILE).is_file()
+    def _record(self, name: str, key: str, kind: type[R]) -> R | ValidationError | None:
+        """A finished stage's result; None when it has not run, the error when its stage.json does
+        not validate as `kind` (an older version wrote it)."""
+        path = self.root / f"{name}-{key}" / STAGE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return kind.model_validate_json(path.read_text())
+        except ValidationError as error:
+            return error
 
-    def result(self, name: str, key: str) -> dict | None:
-        """A finished stage's result, None when it has not run."""
-        return json.loads((self.root / f"{name}-{key}" / STAGE_FILE).read_text()) if self.is_done(name, key) else None
+    def result(self, name: str, key: str, kind: type[R]) -> R | None:
+        """A finished stage's result, None when it has to run (never ran, or recorded by an older version)."""
+        record = self._record(name, key, kind)
+        return None if isinstance(record, ValidationError) else record
 
-    def look(self, name: str, inputs: dict) -> tuple[Step, dict | None]:
+    def look(self, name: str, inputs: dict, kind: type[R]) -> tuple[Step, R | None]:
         """Whether a stage with these inputs would run, and why; its result when it is finished."""
         key = stage_key(inputs)
-        result = self.result(name, key)
-        if result is not None:
-            return Step(name, key, "skip", "finished"), result
+        record = self._record(name, key, kind)
+        if isinstance(record, ValidationError):
+            return Step(name, key, "run", f"its stage.json, from an older version, is not a {kind.__name__} "
+                                          f"({record.error_count()} errors, first at {_where(record)}): it runs again"), None
+        if record is not None:
+            return Step(name, key, "skip", "finished"), record
         runs = sorted(self.root.glob(f"{name}-{'?' * len(key)}/{STAGE_FILE}"), key=lambda p: p.stat().st_mtime)
         if not runs:
             return Step(name, key, "run", "never run"), None
@@ -182,73 +210,74 @@ class Pipeline:
         g = self.cfg.generate
         return declared_inputs(self.cfg, "traces", (g.teacher, g.judge), prompts=prompts.PromptSet.from_config(g).versions)
 
-    def train_inputs(self, traces: dict, mode: str) -> dict:
-        return declared_inputs(self.cfg, "train", mode=mode, **{"traces.sft": traces["sft_sha256"]})
+    def train_inputs(self, traces: TracesResult, mode: str) -> dict:
+        return declared_inputs(self.cfg, "train", mode=mode, **{"traces.sft": traces.sft_sha256})
 
-    def predict_inputs(self, spec: dict) -> dict:
+    def predict_inputs(self, spec: ModelSpec) -> dict:
         versions = prompts.PromptSet.from_config(self.cfg.generate).versions
-        return declared_inputs(self.cfg, "predict", (spec["endpoint"],), model=spec["identity"],
+        return declared_inputs(self.cfg, "predict", (spec.endpoint,), model=spec.identity,
                                prompts=[versions["student"], versions["student_direction"]])
 
-    def evaluate_inputs(self, predictions: dict[str, dict]) -> dict:
-        return declared_inputs(self.cfg, "evaluate", predictions={name: p["sha256"] for name, p in predictions.items()})
+    def evaluate_inputs(self, predictions: dict[str, PredictResult]) -> dict:
+        return declared_inputs(self.cfg, "evaluate", predictions={name: p.sha256 for name, p in predictions.items()})
 
-    def register_inputs(self, student: dict, evaluation: dict) -> dict:
-        return declared_inputs(self.cfg, "register", **{"train-cot": student["key"], "evaluate": evaluation["key"]})
+    def register_inputs(self, student: TrainResult, evaluation: EvaluateResult) -> dict:
+        return declared_inputs(self.cfg, "register", **{"train-cot": student.key, "evaluate": evaluation.key})
 
-    def report_inputs(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
-        return declared_inputs(self.cfg, "report", traces=traces["key"], train={mode: t["key"] for mode, t in trained.items()},
-                               evaluate=evaluation["key"])
+    def report_inputs(self, traces: TracesResult, trained: dict[str, TrainResult], evaluation: EvaluateResult) -> dict:
+        return declared_inputs(self.cfg, "report", traces=traces.key, train={mode: t.key for mode, t in trained.items()},
+                               evaluate=evaluation.key)
 
     # ---- stages -----------------------------------------------------------------------------
-    def traces(self) -> dict:
+    def traces(self) -> TracesResult:
         from synthpert import generate
 
-        def run(out: Path) -> dict:
+        def run(out: Path) -> dict[str, Any]:
             cfg = self.cfg.model_copy(deep=True)
             cfg.generate.output_dir = out
-            summary = generate.run(cfg, progress=self.progress)
-            if summary["accepted"] == 0:
+            summary = TraceSummary.model_validate(generate.run(cfg, progress=self.progress))
+            if summary.accepted == 0:
                 raise SynthPertError(
-                    f"no trace was kept out of {summary['rows']} (grades {summary['grades']}): nothing to train on; "
+                    f"no trace was kept out of {summary.rows} (grades {summary.grades}): nothing to train on; "
                     "loosen generate.keep / generate.require_answer_match or use a stronger teacher"
                 )
-            return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary["run_id"]}
+            return {"summary": summary, "sft_sha256": read_manifest(out)["outputs"]["sft"]["sha256"], "run_id": summary.run_id}
 
-        return self.stage("traces", self.traces_inputs(), run)
+        return self.stage("traces", self.traces_inputs(), TracesResult, run)
 
-    def train(self, traces: dict, mode: str) -> dict:
+    def train(self, traces: TracesResult, mode: str) -> TrainResult:
         from synthpert.train import train
 
-        def run(out: Path) -> dict:
+        def run(out: Path) -> dict[str, Any]:
             cfg = self.cfg.model_copy(deep=True)
             cfg.train.mode = mode  # registered under its own name (tracking.registered_name)
-            return train(cfg, traces["dir"], output_dir=out, resume=True)  # a crashed attempt continues
+            return train(cfg, traces.dir, output_dir=out, resume=True)  # a crashed attempt continues
 
-        return self.stage(f"train-{mode}", self.train_inputs(traces, mode), run)
+        return self.stage(f"train-{mode}", self.train_inputs(traces, mode), TrainResult, run)
 
-    def predictions(self, models: dict[str, dict]) -> dict[str, dict]:
+    def predictions(self, models: dict[str, ModelSpec]) -> dict[str, PredictResult]:
         """Every model over the same test tuples; our endpoint is started only if some are missing."""
         from synthpert import predict
-        from synthpert.generate import api_key
+        from synthpert.llm.endpoint import api_key
 
         inputs = {name: self.predict_inputs(spec) for name, spec in models.items()}
-        if all(self.is_done(f"predict-{name}", stage_key(inputs[name])) for name in models):
-            return {name: self.stage(f"predict-{name}", inputs[name], None) for name in models}
+        finished = {name: self.result(f"predict-{name}", stage_key(inputs[name]), PredictResult) for name in models}
+        if all(result is not None for result in finished.values()):
+            return {name: self.stage(f"predict-{name}", inputs[name], PredictResult, None) for name in models}
         tuples = predict.eval_tuples(self.cfg)
-        adapters = {name: spec["adapter"] for name, spec in models.items() if spec.get("adapter")}
+        adapters = {name: str(spec.adapter) for name, spec in models.items() if spec.adapter is not None}
         with contextlib.ExitStack() as stack:
             own_url = None
-            if any(spec["endpoint"].base_url is None for spec in models.values()):
+            if any(spec.endpoint.base_url is None for spec in models.values()):
                 from synthpert.serving import running
 
                 serve_cfg = self.cfg.serve.model_copy(update={"adapters": {**self.cfg.serve.adapters, **adapters}})
                 own_url = stack.enter_context(running(serve_cfg))
 
-            def run(out: Path, spec: dict) -> dict:
-                endpoint: EndpointConfig = spec["endpoint"]
+            def run(out: Path, spec: ModelSpec) -> dict[str, Any]:
+                endpoint = spec.endpoint
                 frame = predict.predict(
-                    self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec["mode"], out,
+                    self.cfg, tuples, endpoint, endpoint.base_url or own_url, spec.mode, out,
                     api_key=api_key(endpoint, self.cfg), score=endpoint.base_url is None, progress=self.progress,
                 )
                 return {"rows": len(frame), "errored": int(frame["llm_error"].notna().sum()), "model": endpoint.model,
@@ -257,21 +286,21 @@ class Pipeline:
             # all models at once: their rows share the endpoint's decode batches; a failure surfaces
             # after the others have finished (and been kept)
             with ThreadPoolExecutor(len(models)) as pool:
-                futures = {name: pool.submit(self.stage, f"predict-{name}", inputs[name], functools.partial(run, spec=spec))
+                futures = {name: pool.submit(self.stage, f"predict-{name}", inputs[name], PredictResult, functools.partial(run, spec=spec))
                            for name, spec in models.items()}
             return {name: future.result() for name, future in futures.items()}
 
-    def evaluate(self, predictions: dict[str, dict]) -> dict:
+    def evaluate(self, predictions: dict[str, PredictResult]) -> EvaluateResult:
         """Every model and baseline on the validation tuples (what choices are made on) and on the
         test tuples (reported only): `models` holds the test metrics, `validation` the others."""
         from synthpert import evaluate
         from synthpert.artifacts import read_table
         from synthpert.data import evaluation_view, load_split
 
-        def run(out: Path) -> dict:
+        def run(out: Path) -> dict[str, Any]:
             truth = load_split(self.cfg.data)
-            frames = {name: read_table(p["dir"], "predictions") for name, p in predictions.items()}
-            results: dict[str, dict] = {"validation": {}, "models": {}}
+            frames = {name: read_table(p.dir, "predictions") for name, p in predictions.items()}
+            results: dict[str, dict[str, Metrics]] = {"validation": {}, "models": {}}
             for part, where in (("validation", "validation"), ("test", "models")):
                 view = evaluation_view(truth, part)
                 asked = {name: frame[frame["split"] == part] for name, frame in frames.items()}
@@ -283,34 +312,39 @@ class Pipeline:
                     metrics = evaluate.evaluate(evaluate.check_predictions(frame.drop(columns=["split"], errors="ignore"), name), view,
                                                 bootstrap=e.bootstrap, seed=e.seed, require_complete=e.require_complete, progress=self.progress)
                     evaluate.write_report(metrics, out / part / name)
-                    results[where][name] = metrics
+                    results[where][name] = Metrics.model_validate(metrics)
             return results
 
-        return self.stage("evaluate", self.evaluate_inputs(predictions), run)
+        return self.stage("evaluate", self.evaluate_inputs(predictions), EvaluateResult, run)
 
-    def register(self, student: dict, validation: dict, test: dict, evaluation: dict) -> dict:
+    def register(self, student: TrainResult, validation: dict[str, float | None], test: dict[str, float | None],
+                 evaluation: EvaluateResult) -> RegisterResult:
         """Tag the student's model version with its validation and test scores; alias it champion
         if it beats the holder on VALIDATION (test scores are reported, never used to choose)."""
         name = tracking.registered_name(self.cfg)
 
-        def run(out: Path) -> dict:
-            if not student.get("model_version") or not name:
+        def run(out: Path) -> dict[str, Any]:
+            if not student.model_version or not name:
                 return {"registered": False}
             tags = {f"synthpert.{part}.{k}": v for part, scores in (("validation", validation), ("test", test))
                     for k, v in scores.items() if isinstance(v, (int, float))}
-            return tracking.promote_if_better(name, student["model_version"], official_score(validation), CHAMPION,
+            return tracking.promote_if_better(name, student.model_version, official_score(validation), CHAMPION,
                                               tags={**tags, "synthpert.split": self.cfg.data.split})
 
-        return self.stage("register", self.register_inputs(student, evaluation), run)
+        return self.stage("register", self.register_inputs(student, evaluation), RegisterResult, run)
 
-    def report(self, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict:
+    def report(self, traces: TracesResult, trained: dict[str, TrainResult], evaluation: EvaluateResult) -> ReportResult:
         from synthpert import report
 
-        def run(out: Path) -> dict:
-            paths = report.write(out, self.cfg, traces=traces, trained=trained, evaluation=evaluation)
-            return {name: str(p) for name, p in paths.items()}
+        def run(out: Path) -> dict[str, Any]:
+            return report.write(out, self.cfg, traces=traces, trained=trained, evaluation=evaluation)
 
-        return self.stage("report", self.report_inputs(traces, trained, evaluation), run)
+        return self.stage("report", self.report_inputs(traces, trained, evaluation), ReportResult, run)
+
+
+def _where(error: ValidationError) -> str:
+    """The first invalid field of a record, dotted (`summary.rows`)."""
+    return ".".join(map(str, error.errors()[0]["loc"])) or "the top"
 
 
 def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -335,18 +369,31 @@ def served(cfg: Config, name: str) -> EndpointConfig:
     return cfg.generate.teacher.model_copy(update={"base_url": None, "model": name, "temperature": 0.0})
 
 
-def models_to_evaluate(cfg: Config, trained: dict[str, dict]) -> dict[str, dict]:
-    """Student (cot adapter), the raw-label baseline, the base model zero-shot, the teacher if remote."""
-    ours = functools.partial(served, cfg)
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model the predict stages ask: where, in which mode, and what names its weights (the
+    `model` input of its key: a train stage's key, a base model, an endpoint and its model)."""
+
+    endpoint: EndpointConfig
+    mode: str
+    identity: str | None  # None until the train stage it comes from has run (plan only)
+    adapter: Path | None = None  # a LoRA adapter our endpoint serves as endpoint.model
+
+
+STUDENTS = {"cot": STUDENT, "raw": RAW}  # each train stage's adapter, by the name it is served and scored as
+
+
+def models_to_evaluate(cfg: Config, trained: dict[str, TrainResult | None]) -> dict[str, ModelSpec]:
+    """Student (cot adapter), the raw-label baseline, the base model zero-shot, the teacher if remote.
+    A train stage that has not run (None: the plan) gives a spec without adapter or identity."""
     models = {
-        STUDENT: {"endpoint": ours(STUDENT), "mode": "cot", "adapter": trained["cot"]["adapter_path"], "identity": trained["cot"]["key"]},
-        RAW: {"endpoint": ours(RAW), "mode": "raw", "adapter": trained["raw"]["adapter_path"], "identity": trained["raw"]["key"]},
-        "base": {"endpoint": ours(cfg.serve.served_model_name), "mode": "cot", "identity": cfg.serve.model or "embedded"},
+        name: ModelSpec(served(cfg, name), mode, t.key if t else None, t.adapter_path if t else None)
+        for mode, name in STUDENTS.items() for t in [trained[mode]]
     }
+    models["base"] = ModelSpec(served(cfg, cfg.serve.served_model_name), "cot", cfg.serve.model or "embedded")
     teacher = cfg.generate.teacher
     if teacher.base_url is not None:
-        models["teacher"] = {"endpoint": teacher.model_copy(update={"temperature": 0.0}), "mode": "cot",
-                             "identity": f"{teacher.base_url}|{teacher.model}"}
+        models["teacher"] = ModelSpec(teacher.model_copy(update={"temperature": 0.0}), "cot", f"{teacher.base_url}|{teacher.model}")
     return models
 
 
@@ -367,27 +414,28 @@ def plan(cfg: Config) -> list[Step]:
     pipeline = Pipeline(cfg, progress=False)
     steps: list[Step] = []
 
-    def visit(name: str, inputs: Callable[[], dict], **upstream: dict | None) -> dict | None:
+    def visit(name: str, kind: type[R], inputs: Callable[[], dict], **upstream: StageResult | None) -> R | None:
         waiting = [stage for stage, result in upstream.items() if result is None]
         if waiting:
             steps.append(Step(name, None, "run", f"key known after {', '.join(waiting)}"))
             return None
-        step, result = pipeline.look(name, inputs())
+        step, result = pipeline.look(name, inputs(), kind)
         steps.append(step)
         return result
 
-    traces = visit("traces", pipeline.traces_inputs)
-    trained = {mode: visit(f"train-{mode}", lambda: pipeline.train_inputs(traces, mode), traces=traces) for mode in MODES}
-    unknown = {"adapter_path": None, "key": None}
-    models = models_to_evaluate(cfg, {mode: result or unknown for mode, result in trained.items()})
+    traces = visit("traces", TracesResult, pipeline.traces_inputs)
+    trained = {mode: visit(f"train-{mode}", TrainResult, lambda: pipeline.train_inputs(traces, mode), traces=traces) for mode in MODES}
+    trained_by = {name: mode for mode, name in STUDENTS.items()}
     predictions = {
-        name: visit(f"predict-{name}", lambda: pipeline.predict_inputs(spec),
-                    **({f"train-{spec['mode']}": trained[spec["mode"]]} if "adapter" in spec else {}))
-        for name, spec in models.items()
+        name: visit(f"predict-{name}", PredictResult, lambda: pipeline.predict_inputs(spec),
+                    **({f"train-{trained_by[name]}": trained[trained_by[name]]} if name in trained_by else {}))
+        for name, spec in models_to_evaluate(cfg, trained).items()
     }
-    evaluation = visit("evaluate", lambda: pipeline.evaluate_inputs(predictions), **{f"predict-{n}": p for n, p in predictions.items()})
-    visit("register", lambda: pipeline.register_inputs(trained["cot"], evaluation), **{"train-cot": trained["cot"], "evaluate": evaluation})
-    visit("report", lambda: pipeline.report_inputs(traces, trained, evaluation),
+    evaluation = visit("evaluate", EvaluateResult, lambda: pipeline.evaluate_inputs(predictions),
+                       **{f"predict-{n}": p for n, p in predictions.items()})
+    visit("register", RegisterResult, lambda: pipeline.register_inputs(trained["cot"], evaluation),
+          **{"train-cot": trained["cot"], "evaluate": evaluation})
+    visit("report", ReportResult, lambda: pipeline.report_inputs(traces, trained, evaluation),
           traces=traces, **{f"train-{mode}": trained[mode] for mode in MODES}, evaluate=evaluation)
     return steps
 
@@ -407,7 +455,8 @@ def predict_one(cfg: Config, adapter: str | None = None, mode: str = "cot", verb
     `models:/` URI), over the split's validation and test tuples, as the pipeline's predict stage:
     `<run_dir>/predict-<base|adapter>-<key>/` with predictions.parquet and manifest.json, skipped
     when finished, and a re-run after a crash answers the finished rows from its call cache. The
-    base model's key is the pipeline's own, so either finds the other's predictions."""
+    base model's key is the pipeline's own, so either finds the other's predictions. Returns the
+    stage's record as JSON values (the command prints it)."""
     from synthpert.cluster import ray_session
     from synthpert.serving import adapters
     from synthpert.serving.app import cluster_cpus
@@ -416,10 +465,10 @@ def predict_one(cfg: Config, adapter: str | None = None, mode: str = "cot", verb
         # a bad folder or another base model fails here, before Serve starts
         adapter = str(adapters.resolve_adapter(adapter, cfg.serve.model).resolve())
     name = ADAPTER if adapter else "base"
-    spec = {"endpoint": served(cfg, ADAPTER if adapter else cfg.serve.served_model_name), "mode": mode,
-            "identity": adapter or cfg.serve.model or "embedded", **({"adapter": adapter} if adapter else {})}
+    spec = (ModelSpec(served(cfg, ADAPTER), mode, adapter, Path(adapter)) if adapter
+            else ModelSpec(served(cfg, cfg.serve.served_model_name), mode, cfg.serve.model or "embedded"))
     with console.session(cfg.run_dir, verbose=verbose), ray_session(cluster_cpus(cfg.serve)):
-        return Pipeline(cfg, progress=verbose).predictions({name: spec})[name]
+        return Pipeline(cfg, progress=verbose).predictions({name: spec})[name].model_dump(mode="json")
 
 
 def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
@@ -440,20 +489,21 @@ def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
         trained = {mode: pipeline.train(traces, mode) for mode in MODES}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))
         evaluation = pipeline.evaluate(predictions)
-        pick = lambda models: {name: {k: m.get(k) for k in SCORES} for name, m in models.items()}  # noqa: E731
-        scores, validation = pick(evaluation["models"]), pick(evaluation["validation"])
+        pick = lambda models: {name: m.model_dump(include=set(SCORES)) for name, m in models.items()}  # noqa: E731
+        scores, validation = pick(evaluation.models), pick(evaluation.validation)
         registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT], evaluation)
         report = pipeline.report(traces, trained, evaluation)
         tracking.set_tags({
-            "synthpert.traces_dir": traces["dir"], "synthpert.traces_run_id": traces.get("run_id"),
-            "synthpert.train_run_id": trained["cot"].get("mlflow_run_id"), "synthpert.model_uri": trained["cot"].get("model_uri"),
-            "synthpert.model_version": registered.get("version"),
+            "synthpert.traces_dir": str(traces.dir), "synthpert.traces_run_id": traces.run_id,
+            "synthpert.train_run_id": trained["cot"].mlflow_run_id, "synthpert.model_uri": trained["cot"].model_uri,
+            "synthpert.model_version": registered.version,
         })
         tracking.log_metrics({f"{part}{name}.{k}": v for part, models in (("", scores), ("validation.", validation))
                               for name, s in models.items() for k, v in s.items() if v is not None})
-        tracking.log_artifact(report["markdown"], "report")
-        tracking.log_artifact(report["html"], "report")
+        tracking.log_artifact(report.markdown, "report")
+        tracking.log_artifact(report.html, "report")
     return {
-        "ran": pipeline.ran, "skipped": pipeline.skipped, "mlflow_parent_run_id": parent_id,
-        "scores": scores, "validation_scores": validation, "registered": registered, "report": report["markdown"], "run_dir": str(pipeline.root),
+        # `registered` as promote_if_better answered it ({"registered": false} when nothing was), with its record
+        "ran": pipeline.ran, "skipped": pipeline.skipped, "mlflow_parent_run_id": parent_id, "scores": scores, "validation_scores": validation,
+        "registered": registered.model_dump(mode="json", exclude_unset=True), "report": str(report.markdown), "run_dir": str(pipeline.root),
     }

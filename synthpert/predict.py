@@ -22,13 +22,14 @@ import pandas as pd
 import pyarrow as pa
 
 from synthpert import console, prompts
+from synthpert.prompts import ANSWER_OPEN
 from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
-from synthpert.generate import ANSWER_OPEN, endpoint_identity
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
 from synthpert.llm.cache import CallCache
 from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
+from synthpert.llm.endpoint import endpoint_identity
 from synthpert.llm.prefill import CONTINUE, continue_with
 
 STAGE = "predict"
@@ -137,8 +138,7 @@ def eval_tuples(cfg: Config) -> pd.DataFrame:
     """Validation and test tuples of the configured split (at most `evaluate.limit` of each per cell
     line, whole read-out genes), with context and their `split`: the champion is chosen on the
     validation rows, the test rows are only reported."""
-    from synthpert.data import gene_sample, load_split
-    from synthpert.generate import with_context
+    from synthpert.data import gene_sample, load_split, with_context
 
     pairs = load_split(cfg.data)
     parts = []

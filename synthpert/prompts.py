@@ -55,6 +55,7 @@ DIRECTIONS = LABELS[:2]
 
 # The judge writes a critique, then this marker and one grade (the paper's critic).
 GRADE_MARK = "Grade:"
+THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"  # a trace's tags
 CRITIQUE_MARK = "Critique:"
 
 TEMPLATES: dict[str, dict[str, str]] = {
@@ -208,7 +209,7 @@ def direction_messages(row: Mapping, context: str | None = None) -> list[dict[st
 
 def format_answer(label: str) -> str:
     """The assistant target of raw-label training."""
-    return f"<answer>{label}</answer>"
+    return f"{ANSWER_OPEN}{label}{ANSWER_CLOSE}"
 
 
 # ---------------------------------------------------------------- parsing what models write

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from synthpert.config import Config
+from synthpert.results import EvaluateResult, Metrics, TracesResult, TrainResult
 
 METRICS = (("auroc_de", "AUROC DE"), ("auroc_dir", "AUROC dir"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
 NOTE = (
@@ -31,29 +32,26 @@ def _fmt(value: Any, ci: list | None = None) -> str:
     return text
 
 
-def _metric_rows(models: dict[str, dict], scope: str | None = None) -> list[list[str]]:
+def _metric_rows(models: dict[str, Metrics], scope: str | None = None) -> list[list[str]]:
     rows = []
     for name, result in models.items():
-        m = result if scope is None else result.get("per_cell_line", {}).get(scope)
+        m = result if scope is None else result.per_cell_line.get(scope)
         if m is None:
             continue
-        ci = m.get("ci") or {}
-        rows.append([name, *(_fmt(m.get(key), ci.get(key)) for key, _ in METRICS), _fmt(m.get("trivial_accuracy")), _fmt(m.get("n"))])
+        rows.append([name, *(_fmt(getattr(m, key), m.ci.get(key)) for key, _ in METRICS), _fmt(m.trivial_accuracy), _fmt(m.n)])
     return rows
 
 
-def _side_by_side(evaluation: dict) -> tuple[list[str], list[list[str]]]:
+def _side_by_side(evaluation: EvaluateResult) -> tuple[list[str], list[list[str]]]:
     """Every model's validation and test figures in one row: the champion is chosen on the first."""
-    validation = evaluation.get("validation", {})
     headers = ["model", "val AUROC DE", "val AUROC dir", "val n", "test AUROC DE", "test AUROC dir", "test accuracy",
                "test macro-F1", "trivial acc.", "test n"]
     rows = []
-    for name, test in evaluation["models"].items():
-        val = validation.get(name, {})
-        ci = test.get("ci") or {}
-        rows.append([name, _fmt(val.get("auroc_de")), _fmt(val.get("auroc_dir")), _fmt(val.get("n")),
-                     *(_fmt(test.get(k), ci.get(k)) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1")),
-                     _fmt(test.get("trivial_accuracy")), _fmt(test.get("n"))])
+    for name, test in evaluation.models.items():
+        val = evaluation.validation.get(name, Metrics())
+        rows.append([name, _fmt(val.auroc_de), _fmt(val.auroc_dir), _fmt(val.n),
+                     *(_fmt(getattr(test, k), test.ci.get(k)) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1")),
+                     _fmt(test.trivial_accuracy), _fmt(test.n)])
     return headers, rows
 
 
@@ -72,13 +70,13 @@ def scoring_note(cfg: Config) -> str:
             "to choose.")
 
 
-def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: dict) -> list[tuple[str, Any]]:
+def sections(cfg: Config, traces: TracesResult, trained: dict[str, TrainResult], evaluation: EvaluateResult) -> list[tuple[str, Any]]:
     """(title, content) pairs; content is text, a table (headers, rows) or a list of images."""
-    models = evaluation["models"]
+    models = evaluation.models
     headers = ["model", *(label for _, label in METRICS), "trivial acc.", "n"]
-    cells = sorted({c for m in models.values() for c in m.get("per_cell_line", {})})
-    summary = traces.get("summary", {})
-    grades = summary.get("grades", {})
+    cells = sorted({c for m in models.values() for c in m.per_cell_line})
+    summary = traces.summary
+    grades = summary.grades
     out: list[tuple[str, Any]] = [
         ("Setting", f"split `{cfg.data.split}`, cell lines {', '.join(cfg.data.cell_lines)}; teacher `{cfg.generate.teacher.model}`, "
                     f"judge `{cfg.generate.judge.model}`, student base `{cfg.train.base_model or 'embedded SmolLM2-135M-Instruct'}`; "
@@ -92,13 +90,13 @@ def sections(cfg: Config, traces: dict, trained: dict[str, dict], evaluation: di
     out += [(f"Cell line {cell}", (headers, _metric_rows(models, cell))) for cell in cells]
     out.append(("Traces (teacher + judge)", (
         ["rows", "kept", "rejected by grade", "rejected by answer", "errored", "tokens", "cost (USD)"],
-        [[_fmt(summary.get(k)) for k in ("rows", "accepted", "rejected_grade", "rejected_answer", "errored", "tokens")]
-         + [f"{summary.get('cost_usd', 0.0):.4f}"]],
+        [[_fmt(getattr(summary, k)) for k in ("rows", "accepted", "rejected_grade", "rejected_answer", "errored", "tokens")]
+         + [f"{summary.cost_usd:.4f}"]],
     )))
     out.append(("Judge grades", (list(grades), [[_fmt(v) for v in grades.values()]])))
     out.append(("Training", (
         ["mode", "steps", "first loss", "final loss", "val loss", "tokens/s", "model"],
-        [[mode, *(_fmt(t.get(k)) for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_per_s")), t.get("model_uri") or "-"]
+        [[mode, *(_fmt(getattr(t, k)) for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_per_s")), t.model_uri or "-"]
          for mode, t in trained.items()],
     )))
     figures = [f"test/{name}/{png}" for name in models for png in ("confusion.png", "auroc_per_gene.png")]
@@ -133,11 +131,11 @@ def _html(title: str, content: Any) -> str:
 STYLE = "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}img{max-width:32em}"
 
 
-def write(out: Path, cfg: Config, traces: dict, trained: dict[str, dict], evaluation: dict) -> dict[str, Path]:
+def write(out: Path, cfg: Config, traces: TracesResult, trained: dict[str, TrainResult], evaluation: EvaluateResult) -> dict[str, Path]:
     """report.md + report.html (+ the evaluation plots they show) in `out`."""
     out = Path(out)
-    for name in evaluation["models"]:
-        for png in Path(evaluation["dir"], "test", name).glob("*.png"):
+    for name in evaluation.models:
+        for png in Path(evaluation.dir, "test", name).glob("*.png"):
             (out / "test" / name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(png, out / "test" / name / png.name)
     parts = sections(cfg, traces, trained, evaluation)

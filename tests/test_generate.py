@@ -16,6 +16,7 @@ import pytest
 
 from synthpert import generate, judge, prompts
 from synthpert.config import load_config
+from synthpert.data import sample_tuples
 from synthpert.llm.cache import CallCache
 from tests.conftest import REPO, free_port
 from tests.fake_api import MALFORMED, FakeAPI, Faults, content_key
@@ -123,7 +124,7 @@ def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_pa
     _assert_secret_nowhere([tmp_path, *Path("/tmp/ray").glob(f"session_*_{os.getpid()}")])
     out = tmp_path / "traces"
     attempts = pd.read_parquet(out / "attempts.parquet")
-    sample = generate.sample_tuples(cfg.data)
+    sample = sample_tuples(cfg.data)
     assert list(attempts["tuple_id"]) == list(sample["tuple_id"])  # every row exactly once, in order
     assert summary["rows"] == 48 == sum(summary[k] for k in ("accepted", "rejected_grade", "rejected_answer", "rejected_malformed", "errored"))
     assert summary == {**summary, **judge.counts(attempts)}
@@ -292,7 +293,7 @@ def test_budget_stops_sending_then_a_bigger_budget_finishes_without_repaying(ray
         sizes = ["data.limit=24", "generate.teacher.max_concurrency=4", "generate.judge.max_concurrency=4",
                  "generate.teacher.max_tokens=200", "generate.judge.max_tokens=100", *prices]
         cfg = _fake_cfg(api, tmp_path, *sizes)
-        rows = _records(generate.sample_tuples(cfg.data))
+        rows = _records(sample_tuples(cfg.data))
         worst_teacher = [(prompt_tokens_estimate(PROMPTS.teacher(r, "")) + 200) / 1000 for r in rows]
         budget = round(0.3 * sum(worst_teacher), 2)  # well under what the teacher calls alone would cost
         with pytest.raises(SynthPertError, match=r"budget generate.max_cost_usd=\$.* reached .* rows not finished") as stop:

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from synthpert import tracking
 from synthpert.config import load_config
 from synthpert.pipeline import Pipeline, declared_inputs
+from synthpert.results import PredictResult, TrainResult
 from tests.conftest import run_cli
 
 STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
@@ -24,7 +25,7 @@ def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
     def work(out):
         calls.append(out)
         (out / "thing.txt").write_text("x")
-        return {"value": len(calls)}
+        return {"rows": len(calls), "errored": 0, "model": "m", "sha256": "x"}
 
     def broken(out):
         raise RuntimeError("boom")
@@ -32,12 +33,12 @@ def test_a_finished_stage_is_skipped_and_a_failed_one_reruns(tmp_path):
     one, two = (declared_inputs(cfg, "train", mode="cot", **{"traces.sft": sft}) for sft in ("a", "b"))
     first = Pipeline(cfg, progress=False)
     with pytest.raises(RuntimeError):
-        first.stage("s", one, broken)  # a crash leaves no stage.json: the stage is not done
-    assert first.stage("s", one, work)["value"] == 1
+        first.stage("s", one, PredictResult, broken)  # a crash leaves no stage.json: the stage is not done
+    assert first.stage("s", one, PredictResult, work).rows == 1
     second = Pipeline(cfg, progress=False)
-    assert second.stage("s", one, work)["value"] == 1 and len(calls) == 1
+    assert second.stage("s", one, PredictResult, work).rows == 1 and len(calls) == 1
     assert second.skipped == ["s"] and second.ran == []
-    assert second.stage("s", two, work)["value"] == 2  # other inputs are another stage
+    assert second.stage("s", two, PredictResult, work).rows == 2  # other inputs are another stage
 
 
 def _registry(cfg, name: str, versions: int) -> MlflowClient:
@@ -63,7 +64,7 @@ def test_champion_moves_only_to_a_better_version(tmp_path):
     assert client.get_model_version("student", "2").tags[tracking.SCORE_TAG] == "0.55"
 
 
-def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
+def _fake_predictions(cfg, root, truth, name: str, skill: float) -> PredictResult:
     """A model's predictions file on the validation + test tuples: scores that follow the truth by
     `skill` (plus seeded noise)."""
     import numpy as np
@@ -83,7 +84,8 @@ def _fake_predictions(cfg, root, truth, name: str, skill: float) -> dict:
     out.mkdir(parents=True)
     outputs = {"predictions": write_table(out, "predictions", frame, frame.schema)}
     write_manifest(out, "predict", outputs)
-    return {"dir": str(out), "sha256": outputs["predictions"]["sha256"]}
+    return PredictResult(stage=f"predict-{name}", key="k", dir=out, wall_s=0.0, inputs={}, rows=len(rows), errored=0, model=name,
+                         sha256=outputs["predictions"]["sha256"])
 
 
 @pytest.mark.slow
@@ -106,14 +108,15 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_split", lambda _: scrambled_truth)
     cfg_b = cfg.model_copy(update={"run_dir": tmp_path / "b"})
     scrambled = Pipeline(cfg_b, progress=False).evaluate(predictions)
-    assert scrambled["validation"] == real["validation"]
-    assert scrambled["models"]["student-cot"]["auroc_de"] != real["models"]["student-cot"]["auroc_de"]
+    assert scrambled.validation == real.validation
+    assert scrambled.models["student-cot"].auroc_de != real.models["student-cot"].auroc_de
 
     client = _registry(cfg, "synthpert-student", 2)
     good_val, bad_val = {"auroc_de": 0.70, "auroc_dir": 0.70}, {"auroc_de": 0.60, "auroc_dir": 0.60}
-    first = Pipeline(cfg, progress=False).register({"model_version": "1", "model_uri": "u1", "key": "k1"}, good_val, {"auroc_de": 0.50, "auroc_dir": 0.50}, real)
-    second = Pipeline(cfg, progress=False).register({"model_version": "2", "model_uri": "u2", "key": "k2"}, bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99}, real)
-    assert first["promoted"] and not second["promoted"]
+    student = lambda version: TrainResult.model_construct(model_version=version, model_uri=f"u{version}", key=f"k{version}")  # noqa: E731
+    first = Pipeline(cfg, progress=False).register(student("1"), good_val, {"auroc_de": 0.50, "auroc_dir": 0.50}, real)
+    second = Pipeline(cfg, progress=False).register(student("2"), bad_val, {"auroc_de": 0.99, "auroc_dir": 0.99}, real)
+    assert first.promoted and not second.promoted
     holder = client.get_model_version_by_alias("synthpert-student", "champion")
     assert str(holder.version) == "1" and holder.tags["synthpert.test.auroc_de"] == "0.5"
     assert client.get_model_version("synthpert-student", "2").tags["synthpert.validation.auroc_de"] == "0.6"

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from synthpert.config import load_config
-from synthpert.pipeline import MODES, Pipeline, models_to_evaluate, plan, stage_key
+from synthpert.pipeline import MODES, STAGE_FILE, Pipeline, models_to_evaluate, plan, stage_key
+from synthpert.results import EvaluateResult, PredictResult, RegisterResult, ReportResult, TracesResult, TrainResult
 from tests.conftest import REPO, run_cli
+from tests.stages import finish
 
 pytestmark = pytest.mark.unit
 
@@ -23,14 +26,16 @@ def _keys(*overrides: str) -> dict[str, str]:
     """Every stage's key for the local config, with fixed upstream results where a stage needs them."""
     cfg = load_config(LOCAL, list(overrides))
     pipeline = Pipeline(cfg, progress=False)
-    traces = {"key": stage_key(pipeline.traces_inputs()), "sft_sha256": "sft"}
-    trained = {mode: {"key": stage_key(pipeline.train_inputs(traces, mode)), "adapter_path": f"/a/{mode}"} for mode in MODES}
+    traces = TracesResult.model_construct(key=stage_key(pipeline.traces_inputs()), sft_sha256="sft")
+    trained = {mode: TrainResult.model_construct(key=stage_key(pipeline.train_inputs(traces, mode)), adapter_path=Path(f"/a/{mode}"))
+               for mode in MODES}
     models = models_to_evaluate(cfg, trained)
-    keys = {"traces": traces["key"], **{f"train-{mode}": t["key"] for mode, t in trained.items()}}
+    keys = {"traces": traces.key, **{f"train-{mode}": t.key for mode, t in trained.items()}}
     keys |= {f"predict-{name}": stage_key(pipeline.predict_inputs(spec)) for name, spec in models.items()}
     # a prediction's output digest follows its key here, as a re-run's new predictions would
-    evaluation = {"key": stage_key(pipeline.evaluate_inputs({name[8:]: {"sha256": keys[name]} for name in keys if name.startswith("predict-")}))}
-    keys["evaluate"] = evaluation["key"]
+    predictions = {name[8:]: PredictResult.model_construct(sha256=keys[name]) for name in keys if name.startswith("predict-")}
+    evaluation = EvaluateResult.model_construct(key=stage_key(pipeline.evaluate_inputs(predictions)))
+    keys["evaluate"] = evaluation.key
     keys["register"] = stage_key(pipeline.register_inputs(trained["cot"], evaluation))
     keys["report"] = stage_key(pipeline.report_inputs(traces, trained, evaluation))
     return keys
@@ -71,14 +76,13 @@ def test_the_embedded_endpoint_model_is_an_input_of_every_stage_that_calls_it():
 def _finish_everything(cfg) -> None:
     """Every stage finished as the pipeline records it (stage.json with the inputs), with made-up results."""
     pipeline = Pipeline(cfg, progress=False)
-    traces = pipeline.stage("traces", pipeline.traces_inputs(), lambda out: {"sft_sha256": "sft"})
-    trained = {mode: pipeline.stage(f"train-{mode}", pipeline.train_inputs(traces, mode), lambda out: {"adapter_path": str(out)})
-               for mode in MODES}
-    predictions = {name: pipeline.stage(f"predict-{name}", pipeline.predict_inputs(spec), lambda out: {"sha256": out.name})
+    traces = finish(pipeline, "traces", pipeline.traces_inputs(), TracesResult)
+    trained = {mode: finish(pipeline, f"train-{mode}", pipeline.train_inputs(traces, mode), TrainResult) for mode in MODES}
+    predictions = {name: finish(pipeline, f"predict-{name}", pipeline.predict_inputs(spec), PredictResult)
                    for name, spec in models_to_evaluate(cfg, trained).items()}
-    evaluation = pipeline.stage("evaluate", pipeline.evaluate_inputs(predictions), lambda out: {})
-    pipeline.stage("register", pipeline.register_inputs(trained["cot"], evaluation), lambda out: {})
-    pipeline.stage("report", pipeline.report_inputs(traces, trained, evaluation), lambda out: {})
+    evaluation = finish(pipeline, "evaluate", pipeline.evaluate_inputs(predictions), EvaluateResult)
+    finish(pipeline, "register", pipeline.register_inputs(trained["cot"], evaluation), RegisterResult)
+    finish(pipeline, "report", pipeline.report_inputs(traces, trained, evaluation), ReportResult)
     assert pipeline.ran == STAGES
 
 
@@ -122,3 +126,47 @@ def test_plan_from_the_command_line_names_the_changed_field(tmp_path):
     stages = {s["stage"]: s for s in json.loads(proc.stdout.strip().splitlines()[-1])["stages"]}
     assert stages["traces"]["action"] == "run" and stages["traces"]["reason"] == "changed since the last run: generate.judge.max_tokens"
     assert stages["predict-base"]["action"] == "skip"
+
+
+def test_every_stage_result_reads_back_from_stage_json_as_it_was_written(tmp_path):
+    cfg = load_config(LOCAL, [f"run_dir={tmp_path}"])
+    inputs = Pipeline(cfg, progress=False).traces_inputs()
+    nan = float("nan")
+    metrics = {"auroc_de": 0.7, "auroc_dir": None, "accuracy": 0.5, "n": 8, "ci": {"auroc_de": [0.6, 0.8], "auroc_dir": None},
+               "per_cell_line": {"k562": {"auroc_de": 0.7, "n": 8, "test_pairs": 9}}, "_per_gene": {"G1": 0.5}, "bootstrap_shift": {"auroc_de": 0.01}}
+    made = {
+        TracesResult: {}, TrainResult: {"model_uri": "models:/s@cot", "model_version": "3", "memory": {"micro_batch": 1}},
+        PredictResult: {}, RegisterResult: {"registered": True, "name": "s", "version": "3", "score": 0.7, "promoted": True},
+        EvaluateResult: {"models": {"base": metrics}, "validation": {"base": {**metrics, "auroc_dir": nan}}}, ReportResult: {},
+    }
+    for kind, fields in made.items():
+        written = finish(Pipeline(cfg, progress=False), kind.__name__, inputs, kind, **fields)
+        again = Pipeline(cfg, progress=False)
+        read = again.stage(kind.__name__, inputs, kind, None)  # finished: read back, nothing run
+        assert again.skipped == [kind.__name__] and type(read) is kind
+        if kind is EvaluateResult:  # NaN is written as NaN and read back as NaN (it equals nothing)
+            assert read.validation["base"].auroc_dir != read.validation["base"].auroc_dir
+            read.validation["base"].auroc_dir = written.validation["base"].auroc_dir = None
+            assert read.models["base"].per_cell_line["k562"].test_pairs == 9 and read.models["base"]._per_gene == {"G1": 0.5}
+        assert read == written, kind
+
+
+def test_a_stage_json_an_older_version_wrote_runs_again_and_the_plan_says_why(tmp_path):
+    cfg = load_config(LOCAL, [f"run_dir={tmp_path}"])
+    _finish_everything(cfg)
+    traces = next(tmp_path.glob(f"traces-*/{STAGE_FILE}"))
+    old = json.loads(traces.read_text())
+    del old["summary"]["refused"]  # as the version before the budget wrote it
+    traces.write_text(json.dumps(old))
+
+    steps = {s.stage: s for s in plan(cfg)}
+    assert steps["traces"].action == "run" and steps["traces"].key == traces.parent.name.split("-")[1]
+    assert steps["traces"].reason == ("its stage.json, from an older version, is not a TracesResult (1 errors, first at "
+                                      "summary.refused): it runs again")
+    assert steps["train-cot"].reason == "key known after traces"  # its key waits for the new traces' digest
+
+    pipeline, ran = Pipeline(cfg, progress=False), []
+    rerun = pipeline.stage("traces", pipeline.traces_inputs(), TracesResult,
+                           lambda out: ran.append(out) or {"summary": {**old["summary"], "refused": 0}, "sft_sha256": "sft"})
+    assert ran == [traces.parent] and pipeline.ran == ["traces"] and rerun.summary.refused == 0
+    assert {(s.action, s.reason) for s in plan(cfg)} == {("skip", "finished")}

@@ -12,9 +12,11 @@ import pytest
 
 from synthpert import preflight
 from synthpert.config import load_config
-from synthpert.pipeline import Pipeline, models_to_evaluate, pending, stage_key
+from synthpert.pipeline import Pipeline, models_to_evaluate, pending
+from synthpert.results import PredictResult, TracesResult, TrainResult
 from tests.conftest import REPO, free_port, run_cli
 from tests.fake_api import FakeAPI
+from tests.stages import finish
 
 pytestmark = pytest.mark.unit
 
@@ -99,14 +101,6 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _finish(pipeline: Pipeline, name: str, key: str, **result) -> dict:
-    """A stage as a finished run leaves it (only its stage.json)."""
-    out = pipeline.root / f"{name}-{key}"
-    out.mkdir(parents=True)
-    (out / "stage.json").write_text(json.dumps({**result, "key": key, "dir": str(out)}))
-    return {**result, "key": key, "dir": str(out)}
-
-
 def test_finished_stages_are_not_checked(tmp_path):
     cfg = load_config(LOCAL, [f"run_dir={tmp_path}", "train.base_model=/nonexistent/model", "train.use_gpu=true"])
     pipeline = Pipeline(cfg, progress=False)
@@ -114,8 +108,8 @@ def test_finished_stages_are_not_checked(tmp_path):
     failed = {c.subject for c in preflight.run(cfg).failures}
     assert {"train.base_model", "serve.model"} <= failed  # the adapters' base would differ from the served model
 
-    traces = _finish(pipeline, "traces", stage_key(pipeline.traces_inputs()), sft_sha256="abc")
-    trained = {mode: _finish(pipeline, f"train-{mode}", stage_key(pipeline.train_inputs(traces, mode)), adapter_path=str(tmp_path / mode))
+    traces = finish(pipeline, "traces", pipeline.traces_inputs(), TracesResult, sft_sha256="abc")
+    trained = {mode: finish(pipeline, f"train-{mode}", pipeline.train_inputs(traces, mode), TrainResult, adapter_path=tmp_path / mode)
                for mode in ("cot", "raw")}
     models = models_to_evaluate(cfg, trained)
     assert pending(cfg) == [f"predict-{name}" for name in models]
@@ -123,7 +117,7 @@ def test_finished_stages_are_not_checked(tmp_path):
     assert report.failures == [] and "train.base_model" not in {c.subject for c in report.checks}
 
     for name, spec in models.items():
-        _finish(pipeline, f"predict-{name}", stage_key(pipeline.predict_inputs(spec)), sha256=name)
+        finish(pipeline, f"predict-{name}", pipeline.predict_inputs(spec), PredictResult, sha256=name)
     assert pending(cfg) == []
     assert [c.subject for c in preflight.run(cfg).checks] == ["run_dir"]
 

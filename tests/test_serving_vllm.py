@@ -132,3 +132,25 @@ def test_vllm_guided_choice_scores_are_the_models_own_loglikelihoods(client, ref
             assert set(scores) == set(GUIDED[i][1]) and answer == max(scores, key=scores.get), (engine, model, scores)
     worst = max(abs(got[k][1][c] - reference[k][1][c]) for k in reference for c in GUIDED[k[1]][1])
     assert worst <= TOLERANCE, f"max |vllm - transformers| = {worst:.4f} nats:\n{table}"
+
+
+def test_the_adapter_loader_refuses_an_adapter_of_another_base_model(tmp_path):
+    """The vLLM replica's adapter source checks the base model an adapter records against the one
+    it serves (as the transformers engine does): vLLM would load it on any model of its shapes."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from synthpert.errors import SynthPertError
+    from synthpert.serving.vllm_engine import AdapterLoader
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/cache/models/SmolLM2-135M-Instruct"}))
+    loader = AdapterLoader({"student": str(adapter)}, max_tries=1)
+    serving = lambda source: SimpleNamespace(model_loading_config=SimpleNamespace(model_source=source))  # noqa: E731
+    with pytest.raises(SynthPertError, match="trained on .*SmolLM2-135M-Instruct, but this endpoint serves /models/llama-8b"):
+        asyncio.run(loader.load_model_from_config("student", serving("/models/llama-8b")))
+    assert loader.disk_cache == {}
+    loaded = asyncio.run(loader.load_model_from_config("student", serving("/elsewhere/SmolLM2-135M-Instruct")))  # a copy of it
+    assert loaded.local_path == str(adapter)

@@ -301,7 +301,7 @@ def test_zero2_worker_killed_then_resumed_continues_and_registers(traces, tmp_pa
     and the loss; the result is a PEFT adapter, logged to MLflow and registered with lineage tags."""
     import mlflow
 
-    from synthpert import tracking
+    from synthpert.serving.adapters import resolve_adapter
 
     output, db = tmp_path / "run", tmp_path / "mlflow.db"
     args = ["train", "--data", str(traces), "--mode", "cot", "--output", str(output), "--zero-stage", "2",
@@ -342,7 +342,7 @@ def test_zero2_worker_killed_then_resumed_continues_and_registers(traces, tmp_pa
     assert version.tags["synthpert.traces_run_id"] == "traces-run-1"
     assert version.tags["synthpert.train_run_id"] == summary["mlflow_run_id"]
 
-    adapter = tracking.adapter_dir_from_uri("models:/synthpert-student@cot")
+    adapter = resolve_adapter("models:/synthpert-student@cot", str(embedded_model))  # and its base model is the one trained on
     assert (adapter / "adapter_model.safetensors").read_bytes() == (output / "adapter" / "adapter_model.safetensors").read_bytes()
     loaded = mlflow.pyfunc.load_model("models:/synthpert-student@cot").unwrap_python_model()
     probe = torch.load(output / "probe.pt")

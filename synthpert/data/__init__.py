@@ -1,4 +1,5 @@
-"""PerturbQA pairs, splits and leakage (perturbqa), files and checksums (files), gene/GO knowledge."""
+"""PerturbQA pairs, splits and leakage (perturbqa), files and checksums (files), gene/GO knowledge,
+the tuples the LLM stages ask about (tuples)."""
 
 from synthpert.data.files import data_file
 from synthpert.data.knowledge import Knowledge, jaccard
@@ -19,5 +20,6 @@ from synthpert.data.perturbqa import (
     read_user_pairs,
     subsample,
 )
+from synthpert.data.tuples import sample_tuples, with_context
 
-__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "carve_validation", "describe", "evaluation_view", "data_file", "gene_sample", "is_validation", "jaccard", "leakage_report", "load_pairs", "load_split", "parse_split", "read_user_pairs", "subsample"]
+__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "carve_validation", "describe", "evaluation_view", "data_file", "gene_sample", "is_validation", "jaccard", "leakage_report", "load_pairs", "load_split", "parse_split", "read_user_pairs", "sample_tuples", "subsample", "with_context"]

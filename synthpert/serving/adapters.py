@@ -1,12 +1,13 @@
-"""Where a served LoRA adapter comes from: a local PEFT folder or an MLflow model URI.
+"""The LoRA adapter artifact, in one place: written to MLflow (`log_adapter_model`), read back from
+a local PEFT folder or a registry URI (`resolve_adapter`), and checked against the served base model.
 
 `resolve_adapter(ref)` is the one hook every engine calls before loading an adapter, so new
 sources (a registry, object storage) are added here and nowhere else.
 
-Registry layout (written by the train/pipeline stage): `models:/NAME@ALIAS` (or
-`models:/NAME/VERSION`) is a pyfunc model whose artifacts hold the PEFT adapter folder under the
-artifact key `adapter` (`log_model(..., artifacts={"adapter": dir})`). It is downloaded into the
-synthpert cache; the MLmodel file says where that artifact is (else the shallowest folder with an
+Registry layout (`log_adapter_model`, from the train stage): `models:/NAME@ALIAS` (or
+`models:/NAME/VERSION`, `runs:/RUN_ID/adapter`) is a pyfunc model whose artifacts hold the PEFT
+adapter folder under the artifact key `adapter`. It is downloaded into the synthpert cache; the
+MLmodel file says where that artifact is (else the shallowest folder with an
 `adapter_config.json` is used). The tracking server comes from MLFLOW_TRACKING_URI in the
 replica's environment.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from synthpert.errors import SynthPertError
 from synthpert.models import cache_dir, model_name
@@ -22,6 +24,7 @@ from synthpert.serving.protocol import APIError
 
 ADAPTER_CONFIG = "adapter_config.json"
 REGISTRY_PREFIX = "models:/"
+ARTIFACT = "adapter"  # artifact key (and logged model name) of a PEFT adapter model
 
 
 def parse_adapter_specs(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -80,7 +83,7 @@ def _from_registry(uri: str) -> Path:
         mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target))
     except Exception as exc:  # mlflow raises several types; all mean "cannot fetch"
         raise SynthPertError(f"cannot download adapter {uri}: {exc}") from exc
-    declared = _pyfunc_artifact(target, "adapter")
+    declared = _pyfunc_artifact(target, ARTIFACT)
     if declared is not None and (declared / ADAPTER_CONFIG).is_file():
         return declared
     found = sorted(target.rglob(ADAPTER_CONFIG), key=lambda p: len(p.parts))
@@ -105,3 +108,89 @@ def load_error(name: str, exc: BaseException) -> APIError:
     """A failed adapter load fails that request only; the base model and other adapters stay up."""
     reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     return APIError(500, f"adapter {name!r} could not be loaded: {reason}", type_="adapter_load_error")
+
+
+def _adapter_pyfunc():
+    """A pyfunc model class: base model (a reference, loaded at serve time) + PEFT adapter artifact.
+
+    Not `mlflow.transformers`: that saves a PeftModel's base weights under LoRA-wrapped names and
+    reloads them randomly initialised, silently (MLflow issue #23761). Defined lazily so that
+    importing this module does not import MLflow; cloudpickle stores the class by value.
+    """
+    import mlflow.pyfunc
+
+    class PeftAdapterModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context):
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from synthpert.models import resolve_model
+
+            base = resolve_model(context.model_config["base_model"])
+            self.tokenizer = AutoTokenizer.from_pretrained(base)
+            model = AutoModelForCausalLM.from_pretrained(base)
+            self.model = PeftModel.from_pretrained(model, context.artifacts[ARTIFACT]).eval()
+
+        def predict(self, context, model_input, params=None):
+            """Greedy answers to user prompts (a list, or a frame's first column; chat template applied)."""
+            import torch
+
+            max_new = int((params or {}).get("max_new_tokens", 128))
+            answers = []
+            prompts = model_input.iloc[:, 0] if hasattr(model_input, "iloc") else model_input
+            for prompt in prompts:
+                ids = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+                )
+                with torch.no_grad():
+                    out = self.model.generate(**ids, max_new_tokens=max_new, do_sample=False)
+                answers.append(self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            return answers
+
+    return PeftAdapterModel
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "transformers", "peft", "safetensors")]
+
+
+def log_adapter_model(
+    adapter_dir: str | Path,
+    base_model: str,
+    registered_model_name: str | None = None,
+    alias: str | None = None,
+    tags: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Log a PEFT adapter dir as a pyfunc model in the active run; optionally register + alias it.
+
+    `base_model` is a reference resolved at load time (`synthpert.models.resolve_model`: a local
+    path, or "embedded"), so the model stays as small as the adapter. Returns the model URI and,
+    when registered, the name, version and a `models:/NAME@ALIAS` URI.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    info = mlflow.pyfunc.log_model(
+        name=ARTIFACT,
+        python_model=_adapter_pyfunc()(),
+        artifacts={ARTIFACT: str(adapter_dir)},
+        model_config={"base_model": base_model},
+        pip_requirements=_requirements(),
+        signature=infer_signature(["a prompt"], ["an answer"], params={"max_new_tokens": 128}),
+        registered_model_name=registered_model_name,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    out: dict[str, Any] = {"model_uri": info.model_uri}
+    if registered_model_name:
+        client = MlflowClient()
+        version = str(info.registered_model_version)
+        for key, value in (tags or {}).items():
+            client.set_model_version_tag(registered_model_name, version, key, str(value))
+        out.update(name=registered_model_name, version=version, uri=f"models:/{registered_model_name}/{version}")
+        if alias:
+            client.set_registered_model_alias(registered_model_name, alias, version)
+            out["uri"] = f"models:/{registered_model_name}@{alias}"
+    return out

@@ -44,7 +44,8 @@ class AdapterLoader(LoraModelLoader):
 
     async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> DiskMultiplexConfig:
         if lora_model_id not in self.disk_cache:
-            path = await asyncio.to_thread(resolve_adapter, self.refs[lora_model_id])
+            # the base model it serves (resolved: a copy of the same model matches by folder name)
+            path = await asyncio.to_thread(resolve_adapter, self.refs[lora_model_id], llm_config.model_loading_config.model_source)
             self.disk_cache[lora_model_id] = DiskMultiplexConfig(
                 model_id=lora_model_id, max_total_tokens=None, local_path=str(path),
                 lora_assigned_int_id=global_id_manager.next())

@@ -28,6 +28,7 @@ from synthpert.config import LABELS, Config, TrainConfig
 from synthpert.data.perturbqa import is_validation
 from synthpert.errors import SynthPertError
 from synthpert.models import resolve_model
+from synthpert.serving.adapters import log_adapter_model
 from synthpert.train.collate import check_messages, tokenize_frame
 from synthpert.train.memory import GB, MemoryPlan, allocator_env, model_shape, plan_memory, worker_budget
 from synthpert.train.model import check_target_modules
@@ -305,7 +306,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
             }
             tracking.log_metrics({k: summary[k] for k in ("final_loss", "val_loss", "tokens_per_s", "train_time_s")})
             if run_id:
-                registered = tracking.log_adapter_model(
+                registered = log_adapter_model(
                     adapter,
                     base_model=str(model_dir) if tc.base_model else "embedded",  # "embedded" resolves anywhere
                     registered_model_name=tracking.registered_name(cfg),

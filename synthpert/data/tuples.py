@@ -1,0 +1,36 @@
+"""The tuples the LLM stages ask about, as prompt rows: the seeded training sample, and any pairs
+with their knowledge context (from training rows only)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from synthpert.config import DataConfig
+from synthpert.data.knowledge import Knowledge
+from synthpert.data.perturbqa import build_split
+from synthpert.errors import SynthPertError
+
+
+def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
+    """The seeded sample of training and validation tuples (fraction/limit), with prompt context.
+
+    The context's labelled neighbours come from the training rows only, with the tuple's own
+    perturbation left out, exactly as for a test tuple (synthpert.data.knowledge).
+    """
+    pairs = build_split(data_cfg)
+    picked = pairs[pairs["split"].isin(["train", "validation"])].reset_index(drop=True)
+    if picked.empty:
+        raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
+    return with_context(picked, pairs, data_cfg)
+
+
+def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:
+    """Prompt rows for `pairs`: tuple id, the tuple, its label and split, and knowledge context from
+    the rows of `train` whose split is train (only those)."""
+    frame = pairs[["cell_line", "pert", "gene", "label", "split"]].astype(str).reset_index(drop=True)
+    frame.insert(0, "tuple_id", frame["cell_line"] + "/" + frame["pert"] + "/" + frame["gene"])
+    context = [""] * len(frame)
+    if data_cfg.knowledge.enabled:
+        knowledge = Knowledge.load(data_cfg.data_dir, data_cfg.knowledge)
+        context = [knowledge.context(r.cell_line, r.pert, r.gene, train, data_cfg.knowledge) or "" for r in frame.itertuples()]
+    return frame.assign(context=context)
