@@ -211,7 +211,8 @@ def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
     monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
     with FakeAPI(free_port(), api_key="right-key") as api:
         monkeypatch.setenv("FAKE_API_KEY", "right-key")
-        args = [command, "--config", str(LOCAL), *_fake_endpoints(api), *PRICED]
+        # --verbose: the console would turn the stub's error into a printed tail and exit 1
+        args = [command, "--config", str(LOCAL), *_fake_endpoints(api), *PRICED, *(["--verbose"] if command == "pipeline" else [])]
         refused = CliRunner().invoke(app, args)
         assert isinstance(refused.exception, SynthPertError) and "not confirmed (stdin is not a terminal)" in str(refused.exception)
         started = CliRunner().invoke(app, [*args, "--yes"])
