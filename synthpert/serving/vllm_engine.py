@@ -149,6 +149,11 @@ def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: di
     engine_kwargs.setdefault("dtype", cfg.dtype)
     if not cfg.use_gpu:
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        # A prompt split over steps (chunked prefill) has its sampled token discarded, and vLLM
+        # 0.32 then rewinds the request's seeded generator with set_offset, which a CPU generator
+        # does not have: the engine dies on the first seeded request whose prompt straddles a
+        # step's token budget (our teacher sends seed 0). Whole prompts per step never rewind.
+        engine_kwargs.setdefault("enable_chunked_prefill", False)
     llm_config = LLMConfig(
         model_loading_config={"model_id": cfg.served_model_name, "model_source": str(model_dir)},
         lora_config={"max_num_adapters_per_replica": cfg.max_adapters_per_replica} if cfg.adapters else None,
