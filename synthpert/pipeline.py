@@ -84,7 +84,7 @@ DECLARED = {
     "evaluate": Declared(("data", "evaluate"), ("predictions",)),
     "register": Declared(("train.registered_model_name", "data.split", "tracking"), ("train-cot", "evaluate")),
     # the report prints the settings (and how our endpoint scored) beside its upstream results
-    "report": Declared(("data", "generate", "train", "evaluate", "serve.engine", "serve.use_gpu", "serve.engine_kwargs"),
+    "report": Declared(("data", "generate", "train", "evaluate", "serve.engine", "serve.dtype", "serve.use_gpu", "serve.engine_kwargs"),
                        ("traces", "train", "evaluate")),
 }
 
@@ -113,6 +113,7 @@ def declared_inputs(cfg: Config, kind: str, calls: tuple[EndpointConfig, ...] = 
     declared = DECLARED[kind]
     if set(inputs) != set(declared.inputs) or len(calls) != len(declared.calls):
         raise TypeError(f"stage {kind} declares inputs {declared.inputs} and calls {declared.calls}")
+    cfg = cfg.model_copy(update={"serve": cfg.serve.resolved()})  # `auto` as this machine decides it
     fields = read_fields(cfg, declared.fields)
     if any(endpoint.base_url is None for endpoint in calls):
         fields |= cfg.serve.identity()

@@ -57,8 +57,8 @@ def _side_by_side(evaluation: EvaluateResult) -> tuple[list[str], list[list[str]
 
 def scoring_note(cfg: Config) -> str:
     """How the LLM scores were made: engine, dtype, scoring contract, direction protocol, split."""
-    serve = cfg.serve
-    dtype = serve.engine_kwargs.get("dtype") or ("bfloat16" if serve.use_gpu else "float32")
+    serve = cfg.serve.resolved()
+    dtype = serve.engine_kwargs.get("dtype") or serve.dtype
     direction = ("asked as its own two-choice question" if cfg.evaluate.direction == "separate"
                  else "derived from the three-way scores, p_up / (p_up + p_down)")
     return (f"Served by our endpoint, engine `{serve.engine}` ({dtype}). Scoring contract: after the model's answer "

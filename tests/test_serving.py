@@ -35,7 +35,7 @@ def adapters(tmp_path_factory, embedded_model):
 def endpoint(adapters):
     from synthpert.serving import running
 
-    cfg = ServeConfig(adapters=adapters, max_adapters_per_replica=2, max_batch_size=16, max_ongoing_requests=24)
+    cfg = ServeConfig(engine="transformers", adapters=adapters, max_adapters_per_replica=2, max_batch_size=16, max_ongoing_requests=24)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SYNTHPERT_API_KEY", KEY)  # replicas inherit it from the cluster this starts
         with running(cfg) as base_url:
@@ -311,7 +311,7 @@ def test_over_capacity_is_503_with_retry_after_from_drain_rate(endpoint):
     each refusal with a Retry-After computed from the queue and the rate."""
     from synthpert.serving import running
 
-    tight = ServeConfig(max_batch_size=8, max_ongoing_requests=8, max_queue_wait_s=5)
+    tight = ServeConfig(engine="transformers", max_batch_size=8, max_ongoing_requests=8, max_queue_wait_s=5)
     with running(tight, name="tight") as base_url:  # beside the module's app, on its Ray and Serve
         warm = openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=300)
         for _ in range(4):  # measures the drain rate (admitted whole: no rate before the 4th completion)

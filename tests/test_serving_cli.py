@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -26,12 +28,14 @@ def test_bad_adapter_spec_exits_2():
     assert proc.returncode == 2 and "NAME=PATH_OR_URI" in proc.stderr
 
 
-def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+def start_serve(*args: str, stderr: Any = subprocess.DEVNULL, pythonpath: Path | None = None) -> tuple[subprocess.Popen, str]:
     """`synthpert serve ARGS` in a session (process group) of its own; returns it and its base URL
-    once it prints its ready line."""
+    once it prints its ready line. `pythonpath` goes first on the import path."""
     env = {k: v for k, v in os.environ.items() if k not in ("SYNTHPERT_API_KEY", "RAY_ADDRESS")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "synthpert", "serve", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + 420
@@ -68,10 +72,18 @@ def test_serve_config_file_with_port_and_adapter(tmp_path):
 
 
 @pytest.mark.serve
-def test_group_sigterm_drains_in_flight_requests_and_exits_0():
-    """SIGTERM to the whole process group (a terminal's Ctrl-C, a supervisor): in-flight requests
-    are answered, the process exits 0 within 30 s and leaves no Ray process behind."""
-    proc, base_url = start_serve("--port", str(free_port()), "--set", "serve.max_batch_size=8")
+def test_group_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
+    """`synthpert serve` with no engine option where vLLM cannot be imported: the transformers
+    engine serves, and one line says why. SIGTERM to the whole process group (a terminal's Ctrl-C,
+    a supervisor): in-flight requests are answered, the process exits 0 within 30 s and leaves no
+    Ray process behind."""
+    hide = tmp_path / "hide_vllm"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['vllm'] = None  # as if not installed\n")
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc, base_url = start_serve("--port", str(free_port()), "--set", "serve.max_batch_size=8",
+                                     stderr=stderr, pythonpath=hide)
+    assert "serving with transformers (vLLM is not importable here" in (tmp_path / "stderr").read_text()
     ray_processes = psutil.Process(proc.pid).children(recursive=True)
     try:
         assert any("raylet" in p.name() for p in ray_processes)

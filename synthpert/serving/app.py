@@ -292,9 +292,20 @@ def engine_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def resolve_engine(cfg: ServeConfig) -> ServeConfig:
+    """`cfg` with `auto` engine and dtype decided for this machine, saying which and why (one line)."""
+    from synthpert import console
+    from synthpert.hardware import pick_dtype, pick_engine
+
+    (engine, why_engine), (dtype, why_dtype) = pick_engine(cfg.engine), pick_dtype(cfg.dtype, cfg.use_gpu)
+    console.note(f"serving with {engine} ({why_engine}) in {dtype} ({why_dtype})")
+    return cfg.model_copy(update={"engine": engine, "dtype": dtype})
+
+
 def build_app(cfg: ServeConfig) -> Any:
     """The bound application for a ServeConfig: ingress + the configured engine."""
     check_adapter_names(cfg.adapters, cfg.served_model_name)
+    cfg = resolve_engine(cfg)
     dumped = cfg.model_dump(mode="json")
     if cfg.engine == "vllm":
         from synthpert.serving.vllm_engine import build_vllm_server
@@ -330,5 +341,5 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def cluster_cpus(cfg: ServeConfig) -> int:
     """Logical CPUs a local cluster needs so every replica can be scheduled (vLLM adds one per replica)."""
-    per_replica = cfg.cpus_per_replica + (1 if cfg.engine == "vllm" else 0)
+    per_replica = cfg.cpus_per_replica + (1 if cfg.resolved().engine == "vllm" else 0)
     return max(os.cpu_count() or 1, math.ceil(per_replica * cfg.max_replicas))

@@ -176,15 +176,18 @@ class Grammars:
 class HFEngine:
     """A causal LM plus LoRA adapters; thread-confined: call it from one worker thread only."""
 
-    def __init__(self, model_dir: Path, max_model_len: int, device: str | None = None, prefix_cache_bytes: int = 1 << 30):
+    def __init__(self, model_dir: Path, max_model_len: int, device: str | None = None, prefix_cache_bytes: int = 1 << 30,
+                 dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from synthpert.hardware import pick_dtype, torch_dtype
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.dtype = torch_dtype(pick_dtype(dtype, self.device == "cuda")[0])
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         limit = getattr(self.model.config, "max_position_embeddings", None) or max_model_len
         self.max_model_len = min(max_model_len, limit)
         eos = {self.tokenizer.eos_token_id, *_as_list(getattr(self.model.generation_config, "eos_token_id", None))}
@@ -520,7 +523,8 @@ class HFServer:
 
             torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_replica)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-engine")
-        self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len, prefix_cache_bytes=cfg.prefix_cache_mb << 20)
+        self.engine = HFEngine(resolve_model(cfg.model), cfg.max_model_len, prefix_cache_bytes=cfg.prefix_cache_mb << 20,
+                               dtype=cfg.dtype)
         self.decoding = Decoding(self.engine)
         self._generate.set_max_batch_size(cfg.max_batch_size)
         self._generate.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)

@@ -145,10 +145,16 @@ def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: di
         engine_kwargs.setdefault("enable_lora", True)
         engine_kwargs.setdefault("max_loras", cfg.max_adapters_per_replica)
         engine_kwargs.setdefault("max_lora_rank", cfg.max_lora_rank)
+    # resolved by build_app (synthpert.hardware): the model config's bfloat16 ran 5.7x slower than
+    # float32 on a CPU without native bf16
+    engine_kwargs.setdefault("dtype", cfg.dtype)
     if not cfg.use_gpu:
         engine_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
-        # the config's bfloat16 is ~6x slower on CPUs without native bf16; float32 is the transformers engine's too
-        engine_kwargs.setdefault("dtype", "float32")
+        # A prompt split over steps (chunked prefill) has its sampled token discarded, and vLLM
+        # 0.32 then rewinds the request's seeded generator with set_offset, which a CPU generator
+        # does not have: the engine dies on the first seeded request whose prompt straddles a
+        # step's token budget (our teacher sends seed 0). Whole prompts per step never rewind.
+        engine_kwargs.setdefault("enable_chunked_prefill", False)
     llm_config = LLMConfig(
         model_loading_config={"model_id": cfg.served_model_name, "model_source": str(model_dir)},
         lora_config={"max_num_adapters_per_replica": cfg.max_adapters_per_replica} if cfg.adapters else None,

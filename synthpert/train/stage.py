@@ -27,6 +27,7 @@ from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, TrainConfig
 from synthpert.data.perturbqa import is_validation
 from synthpert.errors import SynthPertError
+from synthpert.hardware import pick_dtype
 from synthpert.models import resolve_model
 from synthpert.serving.adapters import log_adapter_model
 from synthpert.train.collate import check_messages, tokenize_frame
@@ -256,14 +257,15 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
             console.note(memory.note)
         tc = memory.apply(tc)
         steps = make_plan(tc, counts)
+        dtype = pick_dtype(tc.dtype, tc.use_gpu)[0]
         plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id,
-                "shape": asdict(shape), "full_logits": _full_logits}
+                "shape": asdict(shape), "full_logits": _full_logits, "dtype": dtype}
         tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
-        params = {"plan": {**counts, **steps, "memory": memory.summary()}}
+        params = {"plan": {**counts, **steps, "dtype": dtype, "memory": memory.summary()}}
         with tracking.stage_run(cfg, "train", sections=("train",), params=params, tags=tags) as run_id:
             if run_id:
                 plan["mlflow"] = {"tracking_uri": tracking.portable_uri(cfg.tracking.tracking_uri), "run_id": run_id}
-                tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu, shape), "deepspeed_config.json")
+                tracking.log_dict(deepspeed_config(tc, tc.num_workers, tc.use_gpu, shape, dtype == "bfloat16"), "deepspeed_config.json")
             datasets = {"train": train_ds, **({"validation": val_ds} if plan["validation_rows"] else {})}
             trainer = TorchTrainer(
                 train_loop_per_worker,

@@ -179,13 +179,14 @@ def build_engine(cfg: TrainConfig, plan: dict[str, Any], world: int, device):
     torch.manual_seed(cfg.seed)
     _skip_shm_comm_build()
     deepspeed.init_distributed()  # wraps the process group Ray Train set up (gloo on CPU, NCCL on GPU)
-    ds_config = deepspeed_config(cfg, world, on_gpu, ModelShape(**plan["shape"]))
+    dtype = plan["dtype"]  # decided once by the driver (synthpert.hardware), logged with the run
+    ds_config = deepspeed_config(cfg, world, on_gpu, ModelShape(**plan["shape"]), bf16=dtype == "bfloat16")
     zero3_hint = None
     if cfg.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_hint = HfDeepSpeedConfig(ds_config)
-    model = load_lora_model(plan["base_model"], cfg, torch.bfloat16 if on_gpu else torch.float32)
+    model = load_lora_model(plan["base_model"], cfg, getattr(torch, dtype))
     params = _lora_parameters(model)
     optimizer = None
     if cfg.optimizer == "torch":

@@ -1,6 +1,6 @@
 """The DeepSpeed config, generated from TrainConfig so CPU CI and a GPU cluster differ only in config.
 
-bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy here); ZeRO stage 2 or 3 with
+bf16 or fp32 as synthpert.hardware picks (fp32 on CPUs without native bf16); ZeRO stage 2 or 3 with
 optional optimizer / parameter offload to CPU; accumulation and clipping handled by DeepSpeed.
 """
 
@@ -22,7 +22,7 @@ def bucket_size(shape: ModelShape) -> int:
     return min(DEFAULT_BUCKET, shape.trainable)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, shape: ModelShape) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, shape: ModelShape, bf16: bool) -> dict[str, Any]:
     """A complete DeepSpeed config dict (no "auto" values: we own every number)."""
     zero: dict[str, Any] = {
         "stage": cfg.zero_stage,
@@ -47,7 +47,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, shape: Mod
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         # A plain torch AdamW (cfg.optimizer == "torch") needs no JIT-compiled op; DeepSpeed
