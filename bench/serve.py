@@ -110,10 +110,11 @@ async def burst(call: Any, clients: int) -> dict[str, Any]:
         nonlocal tokens, failures
         start = time.perf_counter()
         try:
-            tokens += await call(PROMPTS[i % len(PROMPTS)])
+            produced = await call(PROMPTS[i % len(PROMPTS)])  # not `tokens += await`: it reads tokens before waiting
         except Exception:  # noqa: BLE001 - a failure is what this scenario measures
             failures += 1
             return
+        tokens += produced
         latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
