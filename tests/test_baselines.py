@@ -66,7 +66,7 @@ def test_neighbour_means_on_a_hand_made_pool():
     np.testing.assert_allclose((preds.p_up / (preds.p_up + preds.p_down))[[0, 2]], [0.25, 1.0])
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_retrieval_reproduces_perturbqa_table_1(truth, knowledge):
     preds, info = run_baseline(truth, "retrieval", EvaluateConfig(), knowledge=knowledge, progress=False)
     result = evaluate(check_predictions(preds), truth, bootstrap=0)
@@ -118,8 +118,8 @@ def test_read_out_neighbours_and_two_sided_smoothing_by_hand():
     np.testing.assert_allclose(up, [0.0, 0.0])  # every DE vote Q sees is down
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("method", ["retrieval", "kernel"])
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_no_test_label_is_read(truth, knowledge, method):
     """Scrambling the test rows' labels leaves every prediction unchanged (official split)."""
     cfg = EvaluateConfig(kernel_taus=[0.05, 0.1], cv_folds=3)
@@ -128,7 +128,7 @@ def test_no_test_label_is_read(truth, knowledge, method):
     pd.testing.assert_frame_equal(a, b)
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_transfer_on_rpe1_holdout_beats_always_not_de_and_reads_no_test_label(holdout):
     preds, info = run_baseline(holdout, "transfer", EvaluateConfig(), progress=False)
     assert info == {"rpe1": {"pool_rows": int((holdout.cell_line != "rpe1").sum()), "pool": "other cell lines"}}
@@ -140,7 +140,7 @@ def test_transfer_on_rpe1_holdout_beats_always_not_de_and_reads_no_test_label(ho
     pd.testing.assert_frame_equal(preds, scrambled)
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_cli_rejects_unknown_method_and_cell_line():
     proc = run_cli("baseline", "--method", "oracle")
     assert proc.returncode == 2 and "unknown baseline method 'oracle'" in proc.stderr
@@ -165,8 +165,8 @@ def small():
 SMALL = EvaluateConfig(kernel_taus=[0.05, 0.2], twoside_lams=[0.0, 1.0], cv_folds=3, ranker_rounds=40)
 
 
-@pytest.mark.unit
 @pytest.mark.parametrize("method", ["twoside", "ranker"])
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_learned_baselines_read_no_test_information(small, knowledge, method):
     """Scrambling the test labels, or dropping every test row and asking for the test pairs
     alone, leaves every prediction unchanged; scrambling training labels does change them."""
@@ -187,7 +187,7 @@ def test_learned_baselines_read_no_test_information(small, knowledge, method):
         assert info["hepg2"]["lam_de"] in SMALL.twoside_lams and set(info["hepg2"]["cv_auroc_de"]) == {"0.05,0.0", "0.05,1.0", "0.2,0.0", "0.2,1.0"}
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_learned_baselines_beat_the_kernel_on_a_small_pool(small, knowledge):
     scores = {}
     for method in ("kernel", "twoside", "ranker"):
@@ -197,13 +197,13 @@ def test_learned_baselines_beat_the_kernel_on_a_small_pool(small, knowledge):
     assert scores["twoside"][1] > scores["kernel"][1] and scores["ranker"][0] > scores["kernel"][0], scores
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_importance_needs_the_ranker():
     proc = run_cli("baseline", "--method", "kernel", "--importance")
     assert proc.returncode == 2 and "--importance needs --method ranker" in proc.stderr
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_learned_baselines_under_a_holdout_learn_from_the_other_lines(small, knowledge):
     jurkat = load_truth(DataConfig())
     jurkat = jurkat[(jurkat["cell_line"] == "jurkat") & jurkat["pert"].isin(small["pert"].unique()[:120])]

@@ -14,7 +14,6 @@ from synthpert.data.files import VENDOR_DIR
 from synthpert.errors import SynthPertError
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.unit
 
 # /work/shared/data/README.md: (DE train, DE test, dir train, dir test, share up in dir train, in dir test)
 README_COUNTS = {
@@ -30,6 +29,7 @@ def pairs():
     return load_pairs()
 
 
+@pytest.mark.unit
 def test_counts_match_the_data_readme(pairs):
     assert list(pairs.columns) == ["cell_line", "pert", "gene", "de", "direction", "label", "split"]
     for cell, (de_train, de_test, dir_train, dir_test, up_train, up_test) in README_COUNTS.items():
@@ -42,18 +42,21 @@ def test_counts_match_the_data_readme(pairs):
     assert not pairs.duplicated(["cell_line", "pert", "gene"]).any()
 
 
+@pytest.mark.unit
 def test_labels_are_consistent_with_de_and_direction(pairs):
     expected = {("up", 1): "upregulated", ("down", 1): "downregulated", ("none", 0): "not differentially expressed"}
     combos = pairs.groupby(["direction", "de", "label"], observed=True).size()
     assert {(d, de): lab for d, de, lab in combos.index} == expected
 
 
+@pytest.mark.unit
 def test_official_split_has_unseen_perturbations_within_a_line(pairs):
     for cell in CELL_LINES:
         rows = pairs[pairs.cell_line == cell]
         assert not rows[rows.split == "test"].pert.isin(rows[rows.split == "train"].pert.unique()).any()
 
 
+@pytest.mark.unit
 def test_shared_layout_and_flat_layout_give_the_same_table(tmp_path, pairs):
     k562 = pairs[pairs.cell_line == "k562"].reset_index(drop=True)
     assert load_pairs(["k562"], data_dir=VENDOR_DIR).equals(k562)  # (assert_frame_equal is slow on str)
@@ -63,6 +66,7 @@ def test_shared_layout_and_flat_layout_give_the_same_table(tmp_path, pairs):
     assert flat.equals(k562) and (flat.dtypes == k562.dtypes).all()
 
 
+@pytest.mark.unit
 def test_checksum_mismatch_is_a_clear_error(tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(VENDOR_DIR, copy)
@@ -98,6 +102,7 @@ DIR = "pert,gene,label,split\nP1,G1,1,train\nP2,G1,0,test\n"
         (DE.replace("gene,", "readout,"), DIR, r"k562-de\.csv\.gz lacks column\(s\) \['gene'\]"),
     ],
 )
+@pytest.mark.unit
 def test_join_and_value_errors_name_file_and_pair(tmp_path, de, direction, message):
     _write(tmp_path / "perturbqa", "k562-de.csv.gz", de)
     _write(tmp_path / "perturbqa", "k562-dir.csv.gz", direction)
@@ -110,6 +115,7 @@ def test_join_and_value_errors_name_file_and_pair(tmp_path, de, direction, messa
             load_pairs(["k562"], data_dir=tmp_path)
 
 
+@pytest.mark.unit
 def test_missing_file_and_unknown_cell_line(tmp_path):
     with pytest.raises(SynthPertError, match=r"data file not found: .*hepg2-de\.csv\.gz"):
         load_pairs(["hepg2"], data_dir=tmp_path)
@@ -119,6 +125,7 @@ def test_missing_file_and_unknown_cell_line(tmp_path):
         load_pairs(["k562"], data_dir=tmp_path / "nope")
 
 
+@pytest.mark.unit
 def test_holdout_split_tests_on_the_whole_line(pairs):
     held = apply_split(pairs, "holdout:rpe1")
     assert (held.split[held.cell_line == "rpe1"] == "test").all()
@@ -132,6 +139,7 @@ def test_holdout_split_tests_on_the_whole_line(pairs):
         apply_split(pairs[pairs.cell_line == "rpe1"], "holdout:rpe1")
 
 
+@pytest.mark.unit
 def test_leakage_report_counts(pairs):
     report = leakage_report(pairs)
     k562 = report["per_cell_line"]["k562"]
@@ -150,6 +158,7 @@ def test_leakage_report_counts(pairs):
     assert held["test_pairs"] == 37_942 + 149_147
 
 
+@pytest.mark.unit
 def test_subsample_is_seeded_exact_and_stratified(pairs):
     a = subsample(pairs, limit=1000, seed=3)
     assert len(a) == 1000
@@ -166,6 +175,7 @@ def test_subsample_is_seeded_exact_and_stratified(pairs):
 
 
 @pytest.mark.parametrize("limit", [8, 60])
+@pytest.mark.unit
 def test_gene_sample_keeps_the_per_gene_auroc_defined(pairs, limit):
     from synthpert.evaluate import mean_auroc_per_gene
 
@@ -184,6 +194,7 @@ def test_gene_sample_keeps_the_per_gene_auroc_defined(pairs, limit):
         gene_sample(test, 0)
 
 
+@pytest.mark.unit
 def test_build_split_samples_training_rows_and_keeps_the_test_set():
     got = build_split(DataConfig(cell_lines=["k562", "rpe1"], split="holdout:rpe1", limit=500, seed=1))
     assert set(got.split[got.cell_line == "rpe1"]) == {"test"} and (got.split == "test").sum() == 149_147 + 37_942
@@ -197,6 +208,7 @@ def test_build_split_samples_training_rows_and_keeps_the_test_set():
 
 
 @pytest.mark.parametrize("split", ["perturbqa", "holdout:rpe1"])
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_validation_is_carved_from_train_by_perturbation(split):
     cfg = DataConfig(cell_lines=["k562", "rpe1"], split=split, validation_fraction=0.1, seed=3)
     pairs = load_split(cfg)
@@ -214,6 +226,7 @@ def test_validation_is_carved_from_train_by_perturbation(split):
     assert len(evaluation_view(pairs, "validation").query("split == 'test'")) == (pairs.split == "validation").sum()
 
 
+@pytest.mark.unit
 def test_vendored_checksums_cover_every_vendored_file():
     listed = dict(line.split()[::-1] for line in (VENDOR_DIR / "SHA256SUMS").read_text().splitlines())
     files = sorted(p.relative_to(VENDOR_DIR).as_posix() for p in VENDOR_DIR.glob("*/*"))
@@ -222,6 +235,7 @@ def test_vendored_checksums_cover_every_vendored_file():
         assert hashlib.sha256((VENDOR_DIR / name).read_bytes()).hexdigest() == listed[name]
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_cli_data_stats_json_and_tables():
     proc = run_cli("data", "stats", "--json", check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -235,6 +249,7 @@ def test_cli_data_stats_json_and_tables():
     assert "23,212" in proc.stdout and "validation" in proc.stdout and "Leakage" in proc.stdout  # the rich tables, untruncated
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
     proc = run_cli("data", "stats", "--split", "holdout:rpe1", "--set", "data.cell_lines=[k562,rpe1]", "--set", "data.limit=300",
                    "--data-dir", "/work/shared/data" if Path("/work/shared/data").is_dir() else str(VENDOR_DIR), "--json", check=True)
@@ -257,6 +272,7 @@ def test_cli_data_stats_holdout_subsample_and_bad_split(tmp_path):
         ("cell_line,pert,gene,label\nk562,AAMP,NOTAGENE,upregulated\n", r"line 2: gene 'NOTAGENE' is not in PerturbQA for that cell line"),
     ],
 )
+@pytest.mark.unit
 def test_read_user_pairs_names_row_and_value(tmp_path, pairs, text, message):
     path = tmp_path / "mine.csv"
     path.write_text(text)
@@ -270,6 +286,7 @@ def test_read_user_pairs_names_row_and_value(tmp_path, pairs, text, message):
             read_user_pairs(path, pairs, label=True)
 
 
+@pytest.mark.unit
 def test_read_user_pairs_file_errors(tmp_path):
     with pytest.raises(SynthPertError, match="file not found"):
         read_user_pairs(tmp_path / "absent.csv")

@@ -21,7 +21,6 @@ from synthpert.evaluate import (
 )
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.unit
 
 UP, DOWN, NONE = LABELS
 
@@ -67,6 +66,7 @@ def _hand_predictions() -> pd.DataFrame:
     return pd.DataFrame([("k562", p, g, *probs) for p, g, _, probs in HAND], columns=["cell_line", "pert", "gene", "p_up", "p_down", "p_none"])
 
 
+@pytest.mark.unit
 def test_metrics_on_a_hand_made_case():
     result = evaluate(check_predictions(_hand_predictions()), _hand_truth(), bootstrap=0)
     # DE score = p_up + p_down. g1: positives .8 (p1), .7 (p3); negatives .2 (p2), .7 (p4):
@@ -91,6 +91,7 @@ def test_metrics_on_a_hand_made_case():
     assert result["per_cell_line"]["k562"]["coverage"] == 1.0
 
 
+@pytest.mark.unit
 def test_a_separate_direction_question_scores_the_direction():
     """evaluate.direction = separate: p_dir_up, where given, is the direction score."""
     hand = _hand_predictions()
@@ -105,6 +106,7 @@ def test_a_separate_direction_question_scores_the_direction():
         check_predictions(hand.assign(p_dir_up=1.5))
 
 
+@pytest.mark.unit
 def test_grouped_auroc_is_sklearn_per_group_with_ties_and_weights(truth):
     test = truth[(truth.split == "test") & (truth.cell_line == "hepg2")]
     genes = test.gene.to_numpy()
@@ -128,6 +130,7 @@ def test_grouped_auroc_is_sklearn_per_group_with_ties_and_weights(truth):
     assert checked > 100
 
 
+@pytest.mark.unit
 def test_answers_only_and_unparseable_rows():
     preds = _hand_predictions()[["cell_line", "pert", "gene"]].assign(answer=[l for _, _, l, _ in HAND])
     preds.loc[0, "answer"] = "  UPREGULATED "  # case and spaces are fine
@@ -154,11 +157,13 @@ def test_answers_only_and_unparseable_rows():
         (lambda f: f.assign(answer="maybe"), "answer must be one of"),
     ],
 )
+@pytest.mark.unit
 def test_bad_predictions_are_errors_that_name_the_rows(change, message):
     with pytest.raises(SynthPertError, match=message.replace("[", r"\[").replace("]", r"\]")):
         check_predictions(change(_hand_predictions()))
 
 
+@pytest.mark.unit
 def test_unknown_pairs_are_errors_and_missing_pairs_lower_coverage():
     truth = _hand_truth()
     extra = pd.concat([_hand_predictions(), pd.DataFrame([("k562", "p9", "g1", 0.1, 0.1, 0.8), ("k562", "pX", "g1", 0.1, 0.1, 0.8)], columns=_hand_predictions().columns)])
@@ -171,6 +176,7 @@ def test_unknown_pairs_are_errors_and_missing_pairs_lower_coverage():
         align(partial, truth, require_complete=True)
 
 
+@pytest.mark.unit
 def test_bootstrap_replicates_use_the_same_metrics_as_the_point_estimates(truth):
     test = truth[(truth.split == "test") & truth.cell_line.isin(["k562", "hepg2"])]
     scored, _ = align(check_predictions(_noisy(test)), truth)
@@ -195,6 +201,7 @@ def test_bootstrap_replicates_use_the_same_metrics_as_the_point_estimates(truth)
                 assert abs(shift) < 0.005  # resampling shifts only the per-gene AUROC mean
 
 
+@pytest.mark.unit
 def test_shifted_interval_stays_in_the_metric_range():
     from synthpert.evaluate import _interval
 
@@ -207,6 +214,7 @@ def point_of(rows, mask):
     return float(np.mean(rows.true[mask] == rows.pred[mask]))
 
 
+@pytest.mark.unit
 def test_report_files(tmp_path, truth):
     test = truth[(truth.split == "test") & (truth.cell_line == "rpe1")]
     result = evaluate(check_predictions(_noisy(test)), truth, bootstrap=20, progress=False)
@@ -217,6 +225,7 @@ def test_report_files(tmp_path, truth):
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[name].stat().st_size > 10_000
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_cli_evaluate_json_and_bad_file(tmp_path, truth):
     test = truth[(truth.split == "test") & (truth.cell_line == "k562")]
     preds = _noisy(test)

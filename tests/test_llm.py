@@ -30,7 +30,7 @@ async def _ask(client: LLMClient, n: int):
         await client.aclose()
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_faults_are_retried_per_retry_after_and_final_errors_recorded(tmp_path):
     faults = Faults(rate_429=0.2, retry_after_s=0.4, rate_500=0.15, rate_hang=0.04, hang_s=2.0, rate_drop=0.08,
                     rate_dead=0.05, rate_malformed=0.1, seed=3)
@@ -94,7 +94,7 @@ def test_the_cache_key_names_who_answers():
     assert key("http://127.0.0.1:1/v1", ours) == key("http://127.0.0.1:2/v1", ours) != key("http://127.0.0.1:1/v1", other)
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_concurrency_and_rate_caps_hold(tmp_path):
     with FakeAPI(free_port(), latency_s=0.15) as api:
         asyncio.run(_ask(LLMClient(EndpointConfig(model="m", max_concurrency=8), api.base_url, share=0.5), 24))

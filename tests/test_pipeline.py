@@ -53,7 +53,7 @@ def _registry(cfg, name: str, versions: int) -> MlflowClient:
     return client
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_champion_moves_only_to_a_better_version(tmp_path):
     client = _registry(load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"]), "student", 3)
     first = tracking.promote_if_better("student", "1", 0.60, "champion")

@@ -14,7 +14,7 @@ from tests.conftest import run_cli
 OURS = ("logs:", "▶ ", "… ", "✓ ", "· ", "  Ray worker logs:", "estimate", "{")
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_a_bad_adapter_folder_fails_in_one_line_before_anything_starts(tmp_path):
     proc = run_cli("predict", "--adapter", str(tmp_path / "none"), "--output", str(tmp_path / "run"))
     assert proc.returncode == 2
@@ -56,7 +56,7 @@ def test_predict_writes_predictions_and_a_rerun_resumes_from_the_cache(tmp_path)
     assert f"· predict-base" in out and "skipped" in out
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_an_adapter_of_another_base_model_is_refused(tmp_path):
     from synthpert.errors import SynthPertError
     from synthpert.serving.adapters import resolve_adapter

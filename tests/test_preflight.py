@@ -18,7 +18,6 @@ from tests.conftest import REPO, free_port, run_cli
 from tests.fake_api import FakeAPI
 from tests.stages import finish
 
-pytestmark = pytest.mark.unit
 
 PAPER = REPO / "configs" / "paper.yaml"
 LOCAL = REPO / "configs" / "local.yaml"
@@ -34,6 +33,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RAY_ADDRESS")}, **extra}
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_paper_config_on_this_box_fails_fast_listing_everything(tmp_path):
     paper = load_config(PAPER)
     assert str(paper.run_dir) == "/mnt/shared/synthpert/paper" and not Path("/mnt/shared").exists()
@@ -61,6 +61,7 @@ def test_paper_config_on_this_box_fails_fast_listing_everything(tmp_path):
     assert _ray_session() == ray_before
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_wrong_key_is_a_401_before_any_call(tmp_path):
     endpoint = [f"--set=generate.{role}.{k}={v}" for role in ("teacher", "judge")
                 for k, v in (("base_url", "{url}"), ("model", "fake-teacher"), ("api_key_env", "FAKE_API_KEY"))]
@@ -88,6 +89,7 @@ def test_wrong_key_is_a_401_before_any_call(tmp_path):
         assert api.paths["/v1/chat/completions"] == 0
 
 
+@pytest.mark.unit
 def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     started = time.monotonic()
     proc = run_cli("pipeline", "--config", str(LOCAL), "--check", "--json", cwd=tmp_path, env=_env(), timeout=60)
@@ -101,6 +103,7 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_finished_stages_are_not_checked(tmp_path):
     cfg = load_config(LOCAL, [f"run_dir={tmp_path}", "train.base_model=/nonexistent/model", "train.use_gpu=true"])
     pipeline = Pipeline(cfg, progress=False)
@@ -122,6 +125,7 @@ def test_finished_stages_are_not_checked(tmp_path):
     assert [c.subject for c in preflight.run(cfg).checks] == ["run_dir"]
 
 
+@pytest.mark.unit
 def test_run_dir_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("")
     check = preflight.writable("run_dir", tmp_path / "taken")
@@ -138,6 +142,7 @@ def _fake_endpoints(api: FakeAPI) -> list[str]:
             for k, v in (("base_url", api.base_url), ("model", "fake-teacher"), ("api_key_env", "FAKE_API_KEY"))]
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_a_costly_run_is_refused_unattended_before_anything_starts(tmp_path):
     """Above generate.confirm_above_usd, nobody to ask (no terminal; a Ray job): exit 2 in one line
     after the estimate of every paid stage (traces and the teacher as a predictor), nothing sent or made."""
@@ -167,6 +172,7 @@ def _priced_cost(*overrides: str) -> tuple:
     return cfg, cost
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_confirmation_asks_on_a_terminal_and_yes_answers_it(monkeypatch, capsys):
     from synthpert import estimate
     from synthpert.errors import SynthPertError
@@ -198,6 +204,7 @@ def test_confirmation_asks_on_a_terminal_and_yes_answers_it(monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("command", ["pipeline", "generate"])
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
     """The CLI wiring: without --yes an unattended costly run stops at the question, with it the
     stage starts (stubbed here: what follows the question is tested elsewhere)."""
@@ -220,6 +227,7 @@ def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
         assert api.paths["/v1/chat/completions"] == 0
 
 
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_path, monkeypatch):
     import shutil
 

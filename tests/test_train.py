@@ -212,7 +212,7 @@ def test_bad_input_fails_before_training(tmp_path, case, message):
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.unit
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_cli_reports_bad_input_and_exits_2(tmp_path):
     proc = run_cli("train", "--data", str(tmp_path / "nothing"), "--mode", "cot", "--output", str(tmp_path / "out"))
     assert proc.returncode == 2
