@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-OURS = ("logs:", "▶ ", "… ", "✓ ", "· ", "  Ray worker logs:", "estimate", "{")
+OURS = ("logs:", "▶ ", "… ", "✓ ", "· ", "  Ray worker logs:", "estimate", "serving with ", "{")  # the console's own lines
 
 
 @pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
