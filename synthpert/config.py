@@ -222,11 +222,17 @@ class ServeConfig(Section):
     # or how fast: an input of every stage that calls it, and part of every cached call's key.
     ANSWERS: ClassVar[tuple[str, ...]] = ("engine", "dtype", "model", "use_gpu", "max_model_len", "engine_kwargs")
 
-    def resolved(self) -> "ServeConfig":
-        """This config with `auto` engine and dtype decided for this machine (see synthpert.hardware)."""
+    def resolution(self) -> tuple["ServeConfig", str]:
+        """This config with `auto` engine and dtype decided for this machine (synthpert.hardware),
+        and one line saying which and why."""
         from synthpert.hardware import pick_dtype, pick_engine
 
-        return self.model_copy(update={"engine": pick_engine(self.engine)[0], "dtype": pick_dtype(self.dtype, self.use_gpu)[0]})
+        (engine, why_engine), (dtype, why_dtype) = pick_engine(self.engine), pick_dtype(self.dtype, self.use_gpu)
+        return (self.model_copy(update={"engine": engine, "dtype": dtype}),
+                f"serving with {engine} ({why_engine}) in {dtype} ({why_dtype})")
+
+    def resolved(self) -> "ServeConfig":
+        return self.resolution()[0]
 
     def identity(self) -> dict[str, Any]:
         """The embedded endpoint's identity, by dotted field: what `auto` resolves to here, so a

@@ -295,11 +295,10 @@ def engine_options(cfg: ServeConfig) -> dict[str, Any]:
 def resolve_engine(cfg: ServeConfig) -> ServeConfig:
     """`cfg` with `auto` engine and dtype decided for this machine, saying which and why (one line)."""
     from synthpert import console
-    from synthpert.hardware import pick_dtype, pick_engine
 
-    (engine, why_engine), (dtype, why_dtype) = pick_engine(cfg.engine), pick_dtype(cfg.dtype, cfg.use_gpu)
-    console.note(f"serving with {engine} ({why_engine}) in {dtype} ({why_dtype})")
-    return cfg.model_copy(update={"engine": engine, "dtype": dtype})
+    resolved, why = cfg.resolution()
+    console.note(why)
+    return resolved
 
 
 def build_app(cfg: ServeConfig) -> Any:
