@@ -30,7 +30,8 @@ def _ray_session() -> str | None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RAY_ADDRESS")}, **extra}
+    """The caller's environment without what would change the answer under test (CI sets CI=true)."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "RAY_ADDRESS", "CI")}, **extra}
 
 
 @pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
@@ -144,13 +145,14 @@ def _fake_endpoints(api: FakeAPI) -> list[str]:
 
 @pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
 def test_a_costly_run_is_refused_unattended_before_anything_starts(tmp_path):
-    """Above generate.confirm_above_usd, nobody to ask (no terminal; a Ray job): exit 2 in one line
+    """Above generate.confirm_above_usd, nobody to ask (no terminal; a Ray job; CI): exit 2 in one line
     after the estimate of every paid stage (traces and the teacher as a predictor), nothing sent or made."""
     import subprocess
 
     with FakeAPI(free_port(), api_key="right-key") as api:
         args = ["pipeline", "--config", str(LOCAL), *_fake_endpoints(api), *PRICED]
-        for env, why in (({}, "stdin is not a terminal"), ({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, "inside a Ray job")):
+        cases = (({}, "stdin is not a terminal"), ({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, "inside a Ray job"), ({"CI": "true"}, "in CI"))
+        for env, why in cases:
             proc = run_cli(*args, cwd=tmp_path, env=_env(FAKE_API_KEY="right-key", **env), stdin=subprocess.DEVNULL, timeout=60)
             assert proc.returncode == 2, proc.stderr
             error = proc.stderr.strip().splitlines()[-1]
@@ -214,6 +216,7 @@ def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
     from synthpert.errors import SynthPertError
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CI", raising=False)  # CI=true is its own reason, tested above
     target = "synthpert.cluster.ray_session" if command == "pipeline" else "synthpert.generate.run"
     monkeypatch.setattr(target, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("started")))
     with FakeAPI(free_port(), api_key="right-key") as api:
