@@ -191,7 +191,9 @@ class ServeConfig(Section):
     served_model_name: str = "base"
     adapters: dict[str, str] = Field(default_factory=dict)  # name -> local dir or models:/NAME@ALIAS
     max_adapters_per_replica: int = Field(4, ge=1)  # LRU of loaded adapters per replica
-    max_lora_rank: int = Field(64, ge=1)  # vllm: the largest adapter rank it can load
+    # vllm: the largest adapter rank it can load; every adapter is padded to it, so None (the
+    # default) takes the largest rank among the local adapters listed (64 for registry URIs)
+    max_lora_rank: int | None = Field(None, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     min_replicas: int = Field(1, ge=0)

@@ -69,9 +69,10 @@ def run(cfg: Config) -> Report:
     probe = functools.cache(_listed_models)  # teacher and judge often share one endpoint and key
     checks = [writable("run_dir", cfg.run_dir)]
     checks += [endpoint(subject, e, probe) for subject, e in remote.items() if e.base_url is not None]
-    checks += [model_path("serve.model", cfg.serve.model)] if ours else []
+    cluster = cluster_resources() if training or ours else ({}, "")
+    checks += [model_path("serve.model", cfg.serve.model), *serve_resources(cfg, cluster)] if ours else []
     if training:
-        checks += [model_path("train.base_model", cfg.train.base_model), *train_resources(cfg)]
+        checks += [model_path("train.base_model", cfg.train.base_model), *train_resources(cfg, cluster)]
         if cfg.train.storage_path and "://" not in cfg.train.storage_path:
             checks.append(writable("train.storage_path", Path(cfg.train.storage_path)))
     if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
@@ -200,25 +201,39 @@ def _model_id(value: str | None) -> str | None:
     return None if value in EMBEDDED_ALIASES else str(Path(value).expanduser().absolute())
 
 
-def train_resources(cfg: Config) -> list[Check]:
-    """The training workers' GPUs and CPUs, from the cluster the pipeline will use: the connected
-    or RAY_ADDRESS one (read, not started), else this node, where a private cluster is started
-    with at least the CPUs asked for, so only its GPUs can be short."""
+def train_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:
+    """The training workers' GPUs and CPUs (see `_resources`)."""
     t = cfg.train
     need = {"GPU": t.num_workers if t.use_gpu else 0, "CPU": t.num_workers * t.cpus_per_worker}
-    have, where = cluster_resources()
-    checks = []
-    for resource, count in need.items():
-        if count == 0 or resource not in have:
-            continue
-        per = f"train.num_workers={t.num_workers} x " + ("1 with train.use_gpu" if resource == "GPU" else f"{t.cpus_per_worker:g}")
-        ok = have[resource] >= count
-        checks.append(Check(f"train.{resource.lower()}s", ok, f"{count:g} {resource}s needed ({per}), {where} has {have[resource]:g}"))
-    return checks
+    per = {"GPU": f"train.num_workers={t.num_workers} x 1 with train.use_gpu", "CPU": f"train.num_workers={t.num_workers} x {t.cpus_per_worker:g}"}
+    return _resources("train", need, per, cluster)
+
+
+def serve_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:
+    """Our endpoint's first replicas and the Ray Data stage that calls them, which run at once: on
+    a cluster holding only the replicas' CPUs, the stage's tasks would wait forever."""
+    from synthpert.serving.app import DATA_CPUS, replica_cpus
+
+    s = cfg.serve
+    replicas = max(s.min_replicas, 1)
+    need = {"GPU": replicas if s.use_gpu else 0, "CPU": replicas * replica_cpus(s) + DATA_CPUS}
+    per = {"GPU": f"{replicas} replica(s) with serve.use_gpu",
+           "CPU": f"{replicas} replica(s) x {replica_cpus(s):g} on {s.resolved().engine} + {DATA_CPUS} for the Ray Data stage calling them"}
+    return _resources("serve", need, per, cluster)
+
+
+def _resources(section: str, need: dict[str, float], per: dict[str, str], cluster: tuple[dict[str, float], str]) -> list[Check]:
+    """`need` against the cluster the pipeline will use (`cluster_resources`): on this node a
+    private cluster is started with at least the CPUs asked for, so only its GPUs can be short."""
+    have, where = cluster
+    return [Check(f"{section}.{resource.lower()}s", have[resource] >= count,
+                  f"{count:g} {resource}s needed ({per[resource]}), {where} has {have[resource]:g}")
+            for resource, count in need.items() if count and resource in have]
 
 
 def cluster_resources() -> tuple[dict[str, float], str]:
-    """Resources of the cluster a run would use, and what that cluster is, without starting one."""
+    """Resources of the cluster a run would use, and what that cluster is, without starting one:
+    the connected or RAY_ADDRESS one (read), else this node (its GPUs only)."""
     import ray
 
     from synthpert.cluster import ray_address

@@ -106,7 +106,8 @@ def mlflow_server(tmp_path_factory):
 def ray_head():
     """A real Ray head (`ray start --head --block`) on loopback with its own temp dir and free
     ports, started from this venv (so a job's `python` is the venv's); yields the dashboard (job
-    API) address. Token auth is off on this loopback-only test cluster."""
+    API) address. Token auth is off on this loopback-only test cluster. Three logical CPUs: a vLLM
+    replica holds two, and the Ray Data stage calling it one more."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))  # short: Ray's socket paths
     venv_bin = Path(sys.executable).parent
     dashboard, agent = free_port(), free_port()
@@ -116,7 +117,7 @@ def ray_head():
         "--node-ip-address=127.0.0.1", f"--port={free_port()}", f"--temp-dir={temp_dir}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={free_port()}",
-        "--num-cpus=2", f"--object-store-memory={300 * 2**20}",
+        "--num-cpus=3", f"--object-store-memory={300 * 2**20}",
     ]  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
     # jobs go to the head node's agent: ready when both the job API and that agent answer

@@ -29,7 +29,7 @@ def test_local_config_is_the_embedded_cpu_setting():
     assert cfg.generate.teacher.base_url is None and cfg.generate.judge.base_url is None  # our endpoint
     assert cfg.train.base_model is None and cfg.serve.model is None  # embedded SmolLM2
     assert cfg.data.data_dir is None  # bundled data
-    assert not cfg.train.use_gpu and cfg.train.num_workers <= 2 and cfg.serve.engine == "transformers"
+    assert not cfg.train.use_gpu and cfg.train.num_workers <= 2 and cfg.serve.engine == "auto"  # vLLM where installed
     assert cfg.tracking.tracking_uri.startswith("sqlite:///") and not cfg.tracking.tracking_uri.startswith("sqlite:////")
     assert cfg.data.limit and cfg.evaluate.limit and cfg.train.max_steps  # a bounded sample
 
@@ -44,7 +44,7 @@ def test_paper_config_is_the_papers_setting():
     assert not cfg.generate.judge_sees_label and cfg.generate.teacher_principles == "builtin"  # SynthPert's critic and teacher
     assert cfg.train.loss_on == "all" and cfg.evaluate.direction == "separate" and cfg.train.lora_dropout == 0
     assert (cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.zero_stage) == (32, 32, 3)
-    assert cfg.train.use_gpu and cfg.serve.engine == "vllm"
+    assert cfg.train.use_gpu and cfg.serve.engine == "vllm" and cfg.serve.use_gpu
     assert isinstance(cfg.train.base_model, str) and cfg.train.base_model  # a path the user sets
 
 

@@ -52,6 +52,7 @@ def test_paper_config_on_this_box_fails_fast_listing_everything(tmp_path):
         "train.base_model": "/home/ubuntu/models/base-8b does not exist",
         "serve.model": "/home/ubuntu/models/base-8b does not exist",
         "train.gpus": "4 GPUs needed (train.num_workers=4 x 1 with train.use_gpu), this node has 0",
+        "serve.gpus": "1 GPUs needed (1 replica(s) with serve.use_gpu), this node has 0",
     }
     assert len(problems) == len(expected), proc.stderr
     for subject, text in expected.items():
@@ -102,6 +103,22 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     assert all(c["ok"] for c in report["checks"])
     assert f"ok run_dir: {tmp_path}/runs/local will be created in {tmp_path}" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.unit
+def test_a_cluster_with_cpus_for_the_replica_only_is_refused(tmp_path, monkeypatch):
+    """On a running cluster, our endpoint's replica and the Ray Data stage calling it run at once:
+    a vLLM replica (its engine asks one more CPU) on 2 CPUs would leave the stage's tasks waiting
+    forever, so the pre-flight says so; 3 CPUs, or the transformers engine's 1, fit."""
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 2.0, "GPU": 0.0}, "the Ray cluster at 127.0.0.1:6379"))
+    subject = lambda cfg: {c.subject: c for c in preflight.run(cfg).checks}["serve.cpus"]  # noqa: E731
+    vllm = load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=vllm"])
+    check = subject(vllm)
+    assert not check.ok and check.detail == (
+        "3 CPUs needed (1 replica(s) x 2 on vllm + 1 for the Ray Data stage calling them), the Ray cluster at 127.0.0.1:6379 has 2")
+    assert subject(load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=transformers"])).ok
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 3.0}, "the Ray cluster at 127.0.0.1:6379"))
+    assert subject(vllm).ok
 
 
 @pytest.mark.unit

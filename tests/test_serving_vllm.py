@@ -43,6 +43,13 @@ def adapter(tmp_path_factory, embedded_model):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def unused_adapter(tmp_path_factory, embedded_model):
+    """An adapter only the concurrent-first-use test asks for: not loaded before it."""
+    (path,) = make_lora_adapters(embedded_model, [tmp_path_factory.mktemp("vllm") / "ad2"])
+    return str(path)
+
+
 @contextlib.contextmanager
 def _serve(cfg: ServeConfig) -> Iterator[openai.OpenAI]:
     from synthpert.serving import running
@@ -74,8 +81,8 @@ def reference(adapter):
 
 
 @pytest.fixture(scope="module")
-def client(reference, adapter):  # after `reference`: one engine at a time
-    cfg = ServeConfig(adapters={"ad1": adapter}, max_model_len=1024, max_lora_rank=8,
+def client(reference, adapter, unused_adapter):  # after `reference`: one engine at a time
+    cfg = ServeConfig(adapters={"ad1": adapter, "ad2": unused_adapter}, max_model_len=1024,  # max_lora_rank: theirs, 8
                       # a step budget of one context: two ~750-token prompts in a step would straddle it
                       engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20, "max_num_batched_tokens": 1024})
     # the defaults: vLLM where it is installed, float32 on this CPU (no native bfloat16)
@@ -86,7 +93,7 @@ def client(reference, adapter):  # after `reference`: one engine at a time
 
 def test_vllm_chat_stream_and_adapter(client):
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
-    assert [m.id for m in client.models.list().data] == ["base", "ad1"]
+    assert [m.id for m in client.models.list().data] == ["base", "ad1", "ad2"]
     base = client.chat.completions.create(model="base", messages=messages, max_tokens=16, temperature=0,
                                           logprobs=True, top_logprobs=2)
     assert base.choices[0].message.content and base.usage.completion_tokens > 0
@@ -102,6 +109,28 @@ def test_vllm_chat_stream_and_adapter(client):
     assert chunks[-1].usage is not None
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=messages)
+
+
+def test_concurrent_first_requests_to_an_adapter_all_answer(client):
+    """Eight requests reach an adapter no request has used yet, at once (guided_choice ones fan out
+    further): it is loaded once and every request is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages, choices = GUIDED[0]
+
+    def ask(i: int) -> str:
+        if i % 2:
+            reply = client.chat.completions.create(model="ad2", messages=[{"role": "user", "content": f"Count to {i}."}],
+                                                   max_tokens=8, temperature=0)
+        else:
+            reply = client.chat.completions.create(
+                model="ad2", messages=messages, temperature=0, max_tokens=8,
+                extra_body={"guided_choice": choices, "continue_final_message": True, "add_generation_prompt": False})
+        return reply.choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert len(answers) == 8 and all(answers[i] in choices for i in range(0, 8, 2))
 
 
 def test_vllm_structured_outputs_and_penalties_pass_through(client):

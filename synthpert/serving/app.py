@@ -1,7 +1,7 @@
 """The OpenAI-compatible Ray Serve application: one FastAPI ingress in front of one engine.
 
     client --HTTP--> OpenAIIngress (auth, validation, chat template, guided_choice, errors)
-                        --handle, multiplexed_model_id=<adapter>--> engine deployment
+                        --handle, multiplexed_model_id=<adapter>--> engine deployment `Engine`:
                            HFServer (transformers, @serve.batch)  or  VllmServer (ray.serve.llm)
 
 The ingress does everything that must behave the same whatever the engine: the model list,
@@ -41,6 +41,11 @@ from synthpert.serving.metrics import IngressMetrics
 from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, check_supported, sse
 
 # no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
+# the engine deployment's name whichever engine serves: one Serve config file's `deployments`
+# section fits both, as `serve.engine: auto` may pick either
+ENGINE = "Engine"
+# logical CPUs for a Ray Data stage that calls the endpoint (its read and map tasks ask a whole CPU)
+DATA_CPUS = 1
 api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 CHAT = "/v1/chat/completions"
 
@@ -314,7 +319,7 @@ def build_app(cfg: ServeConfig) -> Any:
         from synthpert.serving.hf_engine import HFServer
 
         actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else 0, "runtime_env": code_env()}
-        server = serve.deployment(HFServer, name="HFServer", ray_actor_options=actor, **engine_options(cfg)).bind(dumped)
+        server = serve.deployment(HFServer, name=ENGINE, ray_actor_options=actor, **engine_options(cfg)).bind(dumped)
     # the ingress is cheap (async); every request waits in it for admission, so beyond its own
     # limit (requests held at once) the proxy answers 503 + Retry-After (the expected-wait bound)
     ingress = OpenAIIngress.options(max_ongoing_requests=cfg.ingress_max_ongoing_requests,
@@ -338,7 +343,12 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(config_from_args(args))
 
 
+def replica_cpus(cfg: ServeConfig) -> float:
+    """Logical CPUs one engine replica holds (vLLM's engine process asks one more)."""
+    return cfg.cpus_per_replica + (1 if cfg.resolved().engine == "vllm" else 0)
+
+
 def cluster_cpus(cfg: ServeConfig) -> int:
-    """Logical CPUs a local cluster needs so every replica can be scheduled (vLLM adds one per replica)."""
-    per_replica = cfg.cpus_per_replica + (1 if cfg.resolved().engine == "vllm" else 0)
-    return max(os.cpu_count() or 1, math.ceil(per_replica * cfg.max_replicas))
+    """Logical CPUs a local cluster needs so every replica can be scheduled, with a Ray Data stage
+    calling them beside (else its tasks wait forever behind a replica that holds every CPU)."""
+    return max(os.cpu_count() or 1, math.ceil(replica_cpus(cfg) * cfg.max_replicas) + DATA_CPUS)

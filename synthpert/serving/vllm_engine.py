@@ -16,6 +16,7 @@ Its OpenAI ingress (`build_openai_app`) is not used: ours adds auth, likelihood-
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +29,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from synthpert.config import ServeConfig
 from synthpert.models import resolve_model
-from synthpert.serving.adapters import load_error, resolve_adapter
+from synthpert.serving.adapters import load_error, max_lora_rank, resolve_adapter
 from synthpert.serving.hf_engine import continuation_pairs
 from synthpert.serving.protocol import APIError
 
@@ -66,14 +67,22 @@ class VllmServer(LLMServer):
 
         await super().__init__(llm_config, model_downloader=functools.partial(AdapterLoader, adapters))
         self.tokenizer = AutoTokenizer.from_pretrained(llm_config.model_loading_config.model_source)
+        self._lora_locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
-        try:
-            await super()._maybe_resolve_lora_from_multiplex()
-        except Exception as exc:  # the base model and the other adapters stay up
-            from ray import serve
+        """One load per adapter: ray.serve.llm checks "loaded?" then awaits the load, so concurrent
+        first requests (a guided_choice alone sends several) each loaded it and all but one got
+        500 "has already been loaded"."""
+        from ray import serve
 
-            raise load_error(serve.get_multiplexed_model_id(), exc) from None
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id:  # the base model
+            return
+        try:
+            async with self._lora_locks[model_id]:
+                await super()._maybe_resolve_lora_from_multiplex()
+        except Exception as exc:  # the base model and the other adapters stay up
+            raise load_error(model_id, exc) from None
 
     async def complete(self, body: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any]:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -137,14 +146,14 @@ class VllmServer(LLMServer):
 
 def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: dict[str, Any]) -> Any:
     """The vLLM engine deployment for a ServeConfig, built with ray.serve.llm."""
-    from synthpert.serving.app import context_length
+    from synthpert.serving.app import ENGINE, context_length
 
     model_dir = resolve_model(cfg.model)
     engine_kwargs: dict[str, Any] = {"max_model_len": context_length(model_dir, cfg.max_model_len), **cfg.engine_kwargs}
     if cfg.adapters:
         engine_kwargs.setdefault("enable_lora", True)
         engine_kwargs.setdefault("max_loras", cfg.max_adapters_per_replica)
-        engine_kwargs.setdefault("max_lora_rank", cfg.max_lora_rank)
+        engine_kwargs.setdefault("max_lora_rank", cfg.max_lora_rank or max_lora_rank(cfg.adapters))
     # resolved by build_app (synthpert.hardware): the model config's bfloat16 ran 5.7x slower than
     # float32 on a CPU without native bf16
     engine_kwargs.setdefault("dtype", cfg.dtype)
@@ -164,4 +173,4 @@ def build_vllm_server(cfg: ServeConfig, options: dict[str, Any], runtime_env: di
         deployment_config={"ray_actor_options": {"num_cpus": cfg.cpus_per_replica}},
     )
     return build_llm_deployment(llm_config, deployment_cls=VllmServer, bind_kwargs={"adapters": dict(cfg.adapters)},
-                                override_serve_options={"name": "VllmServer", **options})
+                                override_serve_options={"name": ENGINE, **options})
