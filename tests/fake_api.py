@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import NormalDist
 
 from aiohttp import web
@@ -90,6 +91,17 @@ def true_label(prompt: str) -> str:
     found = {label: prompt.rfind(label) for label in LABELS}
     best = max(found, key=found.get)
     return best if found[best] >= 0 else LABELS[2]
+
+
+def finished_keys(cache_path: Path) -> set[str]:
+    """Server-side keys of the calls a call cache holds (what must never be asked again)."""
+    from synthpert.llm.cache import CallCache
+
+    cache = CallCache(cache_path)
+    try:
+        return {content_key(r["request"]["model"], r["request"]["messages"]) for _, r in cache.records()}
+    finally:
+        cache.close()
 
 
 @dataclass
@@ -185,14 +197,14 @@ class FakeAPI:
 
     async def _stats(self, request: web.Request) -> web.Response:
         """What a benchmark in another process needs: request count, their time span, peak concurrency,
-        answered calls and how many contents were answered more than once; `?times=1`: each answer's time."""
+        answered calls and the contents answered more than once; `?times=1`: each answer's time."""
         if request.method == "DELETE":
             self.requests.clear()
             self.max_in_flight = 0
         times = [t for attempts in self.requests.values() for t, _ in attempts]
         span = max(times) - min(times) if times else 0.0
         stats = {"requests": len(times), "span_s": span, "max_in_flight": self.max_in_flight, "answered": len(self.answered_at),
-                 "repeated": sum(n > 1 for n in self.answered.values())}
+                 "repeated": [key for key, n in self.answered.items() if n > 1]}
         if request.query.get("times"):
             stats["answered_at"] = self.answered_at
         return web.json_response(stats)
