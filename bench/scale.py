@@ -130,12 +130,12 @@ class Watch:
         return names
 
     def reap(self, grace_s: float = 0.0) -> dict:
-        """Who outlived the run (a Ray process outside its group): at once and after `grace_s`; then SIGKILL them."""
-        outlived = {"at_once": self.alive()}
-        deadline = time.monotonic() + grace_s
-        while outlived["at_once"] and self.alive() and time.monotonic() < deadline:
+        """Who outlived the run (a Ray process outside its group): at once, how long they lived on (up to
+        `grace_s`) and who was still there; then SIGKILL them."""
+        outlived, start = {"at_once": self.alive()}, time.monotonic()
+        while outlived["at_once"] and self.alive() and time.monotonic() < start + grace_s:
             time.sleep(1.0)
-        outlived[f"after_{grace_s:g}s"] = self.alive()
+        outlived.update(lived_on_s=round(time.monotonic() - start, 1), left=self.alive())
         for p in self.seen.values():
             with contextlib.suppress(psutil.Error):
                 p.kill()
