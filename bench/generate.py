@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -34,6 +36,23 @@ import openai  # noqa: E402
 from synthpert.config import EndpointConfig, load_config  # noqa: E402
 from synthpert.llm.client import LLMClient  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+
+
+@contextlib.contextmanager
+def fake_server(*args: str) -> Iterator[str]:
+    """tests/fake_api.py in its own process (so it does not share our GIL) until exit; yields its base URL."""
+    server = subprocess.Popen([sys.executable, "-m", "tests.fake_api", "--port", str(free_port()), *args],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        yield server.stdout.readline().split()[-1]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def stats_url(base_url: str) -> str:
+    """The fake server's counters (tests/fake_api.py `_stats`)."""
+    return base_url.removesuffix("/v1") + "/stats"
 
 
 def _messages(tag: str, i: int) -> list[dict]:
@@ -78,8 +97,7 @@ def _pipeline(base_url: str, concurrency: int, rows: int, latency: float) -> dic
 
     from synthpert import generate
 
-    stats_url = base_url.removesuffix("/v1") + "/stats"
-    httpx.delete(stats_url)
+    httpx.delete(stats_url(base_url))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [
             f"generate.teacher.base_url={base_url}", "generate.teacher.model=fake-teacher",
@@ -93,7 +111,7 @@ def _pipeline(base_url: str, concurrency: int, rows: int, latency: float) -> dic
             summary = generate.run(cfg, progress=False)
         finally:
             ray.shutdown()
-    stats = httpx.get(stats_url).json()
+    stats = httpx.get(stats_url(base_url)).json()
     steady = stats["requests"] / (stats["span_s"] + latency)
     return {"rows": rows, "concurrency_per_endpoint": concurrency, "wall_s_incl_startup": summary["wall_s"],
             "rows_per_s_incl_startup": summary["rows_per_s"], "calls": stats["requests"],
@@ -110,11 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=40)
     parser.add_argument("--pipeline", action="store_true", help="also time the whole generate path on Ray Data")
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "tests.fake_api", "--port", str(port), "--latency", str(args.latency)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        base_url = server.stdout.readline().split()[-1]
+    with fake_server("--latency", str(args.latency)) as base_url:
         result = {"latency_s": args.latency, "rounds": args.rounds, "load_avg_1m": os.getloadavg()[0], "async_client": {}}
         for concurrency in map(int, args.levels.split(",")):
             calls = args.rounds * concurrency
@@ -126,9 +140,6 @@ def main() -> None:
         result["speedup_vs_thread_pool"] = {c: round(v["calls_per_s"] / threads_rate, 2) for c, v in result["async_client"].items()}
         if args.pipeline:
             result["pipeline"] = _pipeline(base_url, 64, args.rounds * 64 * 2, args.latency)
-    finally:
-        server.terminate()
-        server.wait(10)
     result["load_avg_1m_end"] = os.getloadavg()[0]  # a shared machine: read the numbers with this
     print(json.dumps(result))
 

@@ -6,9 +6,10 @@ speaks the real wire format (the official `openai` client talks to it over HTTP)
 outputs at chosen rates. Which fault hits which request is a pure function of (seed, request
 content, attempt number), so a test can replay the server's decisions. It counts every request
 and every answered call per request content: the crash-resume test uses those counters to prove
-no finished call was made twice. Given `api_key`, it answers any request without that bearer key
+no finished call was made twice. Its latency is fixed, or lognormal around a median (`latency_sigma`:
+a heavy tail as a real provider's). Given `api_key`, it answers any request without that bearer key
 with OpenAI's 401, and counts every request by path first (`paths`), refused ones too. Used by tests (in a thread) and bench/generate.py (in a
-subprocess: `python -m tests.fake_api --port P --latency L`).
+subprocess: `python -m tests.fake_api --port P --latency L [--latency-sigma S] [--rate-429 R]`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
 
 from aiohttp import web
 
@@ -89,20 +93,32 @@ def true_label(prompt: str) -> str:
     return best if found[best] >= 0 else LABELS[2]
 
 
+def finished_keys(cache_path: Path) -> set[str]:
+    """Server-side keys of the calls a call cache holds (what must never be asked again)."""
+    from synthpert.llm.cache import CallCache
+
+    cache = CallCache(cache_path)
+    try:
+        return {content_key(r["request"]["model"], r["request"]["messages"]) for _, r in cache.records()}
+    finally:
+        cache.close()
+
+
 @dataclass
 class FakeAPI:
     """Run with `with FakeAPI(port, faults) as api:`; `api.base_url` ends in /v1."""
 
     port: int
     faults: Faults = field(default_factory=Faults)
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # the median when latency_sigma > 0
+    latency_sigma: float = 0.0  # sigma of log(latency): 0 fixed; 0.6 puts the p99 at 4x the median
     host: str = "127.0.0.1"
     api_key: str | None = None  # None: any key (or none) is accepted
     paths: Counter = field(default_factory=Counter)
     requests: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
     answered: Counter = field(default_factory=Counter)
+    answered_at: list[float] = field(default_factory=list)  # monotonic time of each answer (a bench's throughput)
     authorization: set[str] = field(default_factory=set)
-    bodies: dict[str, dict] = field(default_factory=dict)
     in_flight: int = 0
     max_in_flight: int = 0
 
@@ -133,12 +149,11 @@ class FakeAPI:
         body = await request.json()
         self.authorization.add(request.headers.get("Authorization", ""))
         key = content_key(body["model"], body["messages"])
-        self.bodies[key] = body
         attempt = len(self.requests[key])
         fault = "dead" if self.faults.dead(key) else self.faults.transient(key, attempt)
         self.requests[key].append((time.monotonic(), fault or "ok"))
         if self.latency_s:
-            await asyncio.sleep(self.latency_s)
+            await asyncio.sleep(self.latency(key, attempt))
         if fault == "429":
             return web.json_response(
                 {"error": {"message": "rate limited", "type": "rate_limit"}},
@@ -157,6 +172,7 @@ class FakeAPI:
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4 + 1
         completion_tokens = len(text) // 4 + 1
         self.answered[key] += 1
+        self.answered_at.append(time.monotonic())
         return web.json_response(
             {
                 "id": f"chatcmpl-{key}-{attempt}",
@@ -172,14 +188,26 @@ class FakeAPI:
             }
         )
 
+    def latency(self, key: str, attempt: int) -> float:
+        """This attempt's delay: the median times a seeded lognormal factor."""
+        if not self.latency_sigma:
+            return self.latency_s
+        z = NormalDist().inv_cdf(min(max(uniform(self.faults.seed, key, attempt, "latency"), 1e-9), 1 - 1e-9))
+        return self.latency_s * math.exp(self.latency_sigma * z)
+
     async def _stats(self, request: web.Request) -> web.Response:
-        """What a benchmark in another process needs: request count, their time span, peak concurrency."""
+        """What a benchmark in another process needs: request count, their time span, peak concurrency,
+        answered calls and the contents answered more than once; `?times=1`: each answer's time."""
         if request.method == "DELETE":
             self.requests.clear()
             self.max_in_flight = 0
-        times = sorted(t for attempts in self.requests.values() for t, _ in attempts)
-        span = times[-1] - times[0] if times else 0.0
-        return web.json_response({"requests": len(times), "span_s": span, "max_in_flight": self.max_in_flight})
+        times = [t for attempts in self.requests.values() for t, _ in attempts]
+        span = max(times) - min(times) if times else 0.0
+        stats = {"requests": len(times), "span_s": span, "max_in_flight": self.max_in_flight, "answered": len(self.answered_at),
+                 "repeated": [key for key, n in self.answered.items() if n > 1]}
+        if request.query.get("times"):
+            stats["answered_at"] = self.answered_at
+        return web.json_response(stats)
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
@@ -217,9 +245,13 @@ class FakeAPI:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per call (the median under --latency-sigma)")
+    parser.add_argument("--latency-sigma", type=float, default=0.0, help="lognormal latency: sigma of its log")
+    parser.add_argument("--rate-429", type=float, default=0.0, help="share of attempts answered 429 with Retry-After")
+    parser.add_argument("--retry-after", type=float, default=0.3, help="the 429s' Retry-After, seconds")
     args = parser.parse_args()
-    api = FakeAPI(port=args.port, latency_s=args.latency)
+    faults = Faults(rate_429=args.rate_429, retry_after_s=args.retry_after)
+    api = FakeAPI(port=args.port, faults=faults, latency_s=args.latency, latency_sigma=args.latency_sigma)
     import uvloop  # the stand-in provider should not be the bottleneck of a benchmark
 
     uvloop.run(api._serve(lambda: print("ready", api.base_url, flush=True)))

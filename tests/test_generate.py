@@ -17,9 +17,8 @@ import pytest
 from synthpert import generate, judge, prompts
 from synthpert.config import load_config
 from synthpert.data import sample_tuples
-from synthpert.llm.cache import CallCache
 from tests.conftest import REPO, free_port
-from tests.fake_api import MALFORMED, FakeAPI, Faults, content_key
+from tests.fake_api import MALFORMED, FakeAPI, Faults, content_key, finished_keys
 
 SECRET = "sk-test-5f3c9e-never-print-me"
 PROMPTS = prompts.PromptSet.from_config()
@@ -196,28 +195,19 @@ def _cli(tmp_path: Path, api: FakeAPI, out: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def _finished(cache_path: Path) -> set[str]:
-    """Server-side keys of the calls the cache holds (what must never be asked again)."""
-    cache = CallCache(cache_path)
-    try:
-        return {content_key(r["request"]["model"], r["request"]["messages"]) for _, r in cache.records()}
-    finally:
-        cache.close()
-
-
 @pytest.mark.slow
 def test_cli_resumes_after_kill_9_exactly_once_without_repaying_or_leaking_the_key(tmp_path):
     out = tmp_path / "traces"
     with FakeAPI(free_port(), Faults(rate_429=0.1, retry_after_s=0.2, seed=2), latency_s=0.25) as api:
         victim = _cli(tmp_path, api, out)
         deadline = time.monotonic() + 240
-        while not (out / "calls.sqlite").exists() or len(_finished(out / "calls.sqlite")) < 12:
+        while not (out / "calls.sqlite").exists() or len(finished_keys(out / "calls.sqlite")) < 12:
             assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()
             time.sleep(0.2)
         os.killpg(victim.pid, signal.SIGKILL)  # the CLI and everything it started
         killed_out, killed_err = victim.communicate()
         time.sleep(1.0)
-        finished = _finished(out / "calls.sqlite")
+        finished = finished_keys(out / "calls.sqlite")
         answered = dict(api.answered)
         assert 12 <= len(finished) < 80 and not (out / "attempts.parquet").exists()
 
