@@ -93,6 +93,8 @@ def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
 
 def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.DataFrame:
     """Validated predictions: keys, finite probabilities in [0, 1] summing to 1, exact labels.
+    Rows whose LLM call failed (`llm_error`) are left out: coverage, and evaluate.require_complete,
+    count them as missing.
 
     Returns KEYS + PROBS + `answer` (a label or UNPARSEABLE) + `has_probs`, one row per pair, and
     `p_dir_up` when given (in [0, 1] or empty).
@@ -100,6 +102,8 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
     missing = [c for c in KEYS if c not in frame.columns]
     if missing:
         raise SynthPertError(f"{source}: missing column(s) {missing}; it has {list(frame.columns)}")
+    if "llm_error" in frame.columns:  # a failed call (synthpert.predict) is a missing pair, not a prediction
+        frame = frame[frame["llm_error"].isna()]
     given = [c for c in PROBS if c in frame.columns]
     if given and len(given) < len(PROBS):
         raise SynthPertError(f"{source}: give all of {list(PROBS)} or none; it has only {given}")

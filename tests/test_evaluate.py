@@ -177,6 +177,19 @@ def test_unknown_pairs_are_errors_and_missing_pairs_lower_coverage():
 
 
 @pytest.mark.unit
+def test_failed_calls_are_missing_pairs_not_bad_probabilities():
+    """synthpert.predict keeps a row whose call failed (NaN probabilities, `llm_error` set): scored
+    as a missing pair (it once stopped the pipeline's evaluate as 'probabilities must be finite')."""
+    frame = _hand_predictions().assign(llm_error=None)
+    frame.loc[frame.index[:2], ["p_up", "p_down", "p_none"]] = np.nan
+    frame.loc[frame.index[:2], "llm_error"] = "InternalServerError: Error code: 503"
+    result = evaluate(check_predictions(frame), _hand_truth(), bootstrap=0)
+    assert (result["n"], result["test_pairs"]) == (len(frame) - 2, len(frame))
+    with pytest.raises(SynthPertError, match="miss test pairs"):
+        align(check_predictions(frame), _hand_truth(), require_complete=True)
+
+
+@pytest.mark.unit
 def test_bootstrap_replicates_use_the_same_metrics_as_the_point_estimates(truth):
     test = truth[(truth.split == "test") & truth.cell_line.isin(["k562", "hepg2"])]
     scored, _ = align(check_predictions(_noisy(test)), truth)
