@@ -40,12 +40,12 @@ from synthpert.serving.admission import Admission
 from synthpert.serving.metrics import IngressMetrics
 from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, check_supported, sse
 
-# no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
 # the engine deployment's name whichever engine serves: one Serve config file's `deployments`
 # section fits both, as `serve.engine: auto` may pick either
 ENGINE = "Engine"
 # logical CPUs for a Ray Data stage that calls the endpoint (its read and map tasks ask a whole CPU)
 DATA_CPUS = 1
+# no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
 api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 CHAT = "/v1/chat/completions"
 
