@@ -214,11 +214,11 @@ def serve_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[
     a cluster holding only the replicas' CPUs, the stage's tasks would wait forever."""
     from synthpert.serving.app import DATA_CPUS, replica_cpus
 
-    s = cfg.serve
-    replicas = max(s.min_replicas, 1)
-    need = {"GPU": replicas if s.use_gpu else 0, "CPU": replicas * replica_cpus(s) + DATA_CPUS}
+    s = cfg.serve.resolved()
+    replicas, each = max(s.min_replicas, 1), replica_cpus(s)
+    need = {"GPU": replicas if s.use_gpu else 0, "CPU": replicas * each + DATA_CPUS}
     per = {"GPU": f"{replicas} replica(s) with serve.use_gpu",
-           "CPU": f"{replicas} replica(s) x {replica_cpus(s):g} on {s.resolved().engine} + {DATA_CPUS} for the Ray Data stage calling them"}
+           "CPU": f"{replicas} replica(s) x {each:g} on {s.engine} + {DATA_CPUS} for the Ray Data stage calling them"}
     return _resources("serve", need, per, cluster)
 
 
