@@ -241,7 +241,7 @@ def test_generate_against_our_serve_endpoint_with_the_bundled_model(ray_local, t
             "data.limit=2",
             "data.cell_lines=[k562]",
             "data.knowledge.enabled=false",  # short prompts: the 135M model runs on 2 CPU cores here
-            "serve.engine=transformers",  # the vLLM engine's replica and the actors would not fit 2 CPUs
+            "serve.engine=transformers",  # the portable engine; the pipeline test generates on the default (vLLM)
             "generate.teacher.max_tokens=32",
             "generate.judge.max_tokens=24",
             "generate.require_answer_match=false",

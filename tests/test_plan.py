@@ -67,7 +67,8 @@ def test_a_field_a_stage_does_not_read_leaves_its_key():
 
 def test_the_embedded_endpoint_model_is_an_input_of_every_stage_that_calls_it():
     assert _differ("serve.model=/models/other")[:1] == ["traces"]
-    assert "predict-base" in _differ("serve.engine=vllm")
+    other = "transformers" if load_config(LOCAL).serve.resolved().engine == "vllm" else "vllm"  # than `auto` picks here
+    assert "predict-base" in _differ(f"serve.engine={other}")
     assert "predict-student-cot" in _differ("serve.engine_kwargs={dtype: float16}")
     remote = _differ("serve.model=/models/other", base=tuple(REMOTE))
     assert "traces" not in remote and "predict-base" in remote  # the teacher and judge are elsewhere; the base is still ours
