@@ -93,13 +93,20 @@ def true_label(prompt: str) -> str:
     return best if found[best] >= 0 else LABELS[2]
 
 
-def finished_keys(cache_path: Path) -> set[str]:
-    """Server-side keys of the calls a call cache holds (what must never be asked again)."""
+def finished_keys(cache_path: Path, before: float | None = None) -> set[str]:
+    """Server-side keys of the calls a call cache holds (what must never be asked again); `before`:
+    only those committed before that time.time() (a node loss's moment, say)."""
     from synthpert.llm.cache import CallCache
 
     cache = CallCache(cache_path)
     try:
-        return {content_key(r["request"]["model"], r["request"]["messages"]) for _, r in cache.records()}
+        if before is not None:
+            with cache._lock:
+                rows = cache._db.execute("SELECT record FROM calls WHERE created < ?", (before,)).fetchall()
+            records = [json.loads(record) for (record,) in rows]
+        else:
+            records = [r for _, r in cache.records()]
+        return {content_key(r["request"]["model"], r["request"]["messages"]) for r in records}
     finally:
         cache.close()
 

@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -45,6 +46,10 @@ from synthpert.serving.protocol import APIError, ChatRequest, Delta, assemble, c
 ENGINE = "Engine"
 # logical CPUs for a Ray Data stage that calls the endpoint (its read and map tasks ask a whole CPU)
 DATA_CPUS = 1
+# the ingress is one replica: on the head (with the proxy and Serve's controller) it is lost only
+# with the whole cluster; on a worker node, that node's loss failed every request until Serve
+# restarted it elsewhere (tests/test_multinode.py). Every Ray head node has this resource.
+ON_HEAD = {"node:__internal_head__": 0.001}
 # no /docs or /openapi.json: every route but /healthz is behind the API key when one is set
 api = FastAPI(title="SynthPert OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 CHAT = "/v1/chat/completions"
@@ -163,6 +168,10 @@ class OpenAIIngress:
             req, text, prompt_ids = await self._parse(request)
             model = req.model
             return self._count(CHAT, model, await self._admitted(req, text, prompt_ids, arrived))
+        except RayActorError:  # the engine replica died under this request (its node was lost)
+            return self._count(CHAT, model, _error(APIError(
+                503, "the model replica serving this request was lost; retry (other replicas answer)",
+                type_="server_unavailable", headers={"Retry-After": "1"})))
         except BackPressureError as exc:  # only when a Serve file bounds the engine's queue again
             retry = self.admission.retry_after_s()
             return self._count(CHAT, model, _error(APIError(
@@ -326,7 +335,7 @@ def build_app(cfg: ServeConfig) -> Any:
                                     max_queued_requests=cfg.ingress_max_ongoing_requests,
                                     graceful_shutdown_timeout_s=cfg.drain_timeout_s,
                                     backpressure_config={"status_code": 503, "retry_after_s": cfg.max_queue_wait_s},
-                                    ray_actor_options={"num_cpus": 0, "runtime_env": code_env()})
+                                    ray_actor_options={"num_cpus": 0, "resources": ON_HEAD, "runtime_env": code_env()})
     return ingress.bind(server, dumped)
 
 

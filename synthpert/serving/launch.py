@@ -48,7 +48,13 @@ def _proxy_url() -> str:
 
 @contextlib.contextmanager
 def _serve(host: str, port: int) -> Iterator[None]:
-    """Start Serve's HTTP proxy if it is not running yet; shut it down again only if we started it."""
+    """Start Serve's HTTP proxy if it is not running yet; shut it down again only if we started it.
+
+    One proxy, on the head node (`HeadOnly`, as serve/local.yaml): the URL we hand out names the
+    head's proxy, so a proxy on every other node (Serve's default) serves no one we tell about it.
+    On one machine (several Ray nodes on one box) those proxies share the port (SO_REUSEPORT):
+    the kernel hands a connection to any of them, and losing a node reset the connections its
+    proxy held (tests/test_multinode.py)."""
     from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.exceptions import RayServeException
@@ -57,7 +63,7 @@ def _serve(host: str, port: int) -> Iterator[None]:
         _get_global_client()
         started = False
     except RayServeException:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
         started = True
     try:
         yield

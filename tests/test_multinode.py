@@ -1,0 +1,185 @@
+"""A real multi-node Ray cluster on one box (Ray's own `ray.cluster_utils.Cluster`): a head with no
+CPUs (the driver, Serve's controller, proxy and ingress) and two 1-CPU worker nodes, each its own
+raylet, object store and workers. Trace generation and the Serve endpoint spread over both worker
+nodes; then one worker node is removed (`Cluster.remove_node`: its raylet and every worker on it
+are killed) in the middle of the work, and the counts must still add up.
+
+One box, so: Ray's control plane listens on the box's own address (192.0.2.2 here), as the
+`ray start --head` of tests/conftest.py does: a driver turns 127.0.0.1 into that address before it
+connects (ray._private.services.resolve_ip_for_localhost), so nodes bound to 127.0.0.1 alone could
+not be joined. Every HTTP endpoint (the fake provider, Serve's proxy, the dashboard) is loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pandas as pd
+import pytest
+
+from synthpert import generate
+from synthpert.cluster import code_env
+from synthpert.config import ServeConfig
+from synthpert.data import sample_tuples
+from tests.conftest import free_port
+from tests.fake_api import FakeAPI, finished_keys
+from tests.test_generate import _fake_cfg
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
+
+STORE = 100 * 2**20  # each node's object store: our blocks are a few KiB
+WORKERS = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs, dashboard on loopback for the state API) + two 1-CPU workers; this process is
+    the driver (the stages' `ray_session` joins it)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    head = {"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        for _ in range(WORKERS):
+            cluster.add_node(num_cpus=1, object_store_memory=STORE)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, runtime_env=code_env())
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _two_workers(cluster) -> list:
+    """The live worker nodes, topped up to two (an earlier test may have removed one)."""
+    while len(cluster.worker_nodes) < WORKERS:
+        cluster.add_node(num_cpus=1, object_store_memory=STORE)
+    cluster.wait_for_nodes()
+    return list(cluster.worker_nodes)
+
+
+def _actor_nodes(name: str) -> dict[str, str]:
+    """Alive actors whose class name contains `name`: actor id -> node id (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+            if name in a.class_name}
+
+
+def _wait(what: str, done, timeout_s: float, step_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout_s:.0f} s"
+        time.sleep(step_s)
+
+
+def test_generation_spreads_over_nodes_and_a_node_loss_loses_no_row_and_repays_no_finished_call(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workers = {node.node_id: node for node in _two_workers(cluster)}
+    with FakeAPI(free_port(), latency_s=0.2) as api:
+        cfg = _fake_cfg(api, tmp_path, "data.limit=48", "generate.actors=2", "generate.batch_size=4",
+                        "generate.teacher.max_concurrency=8", "generate.judge.max_concurrency=8", "tracking.enabled=false")
+        cache = tmp_path / "traces" / "calls.sqlite"
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["summary"] = generate.run(cfg, progress=False)
+            except Exception as exc:  # noqa: BLE001 - reported below, then re-run as a user would
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        _wait("16 answered calls", lambda: api.answered_total() >= 16 or not thread.is_alive(), 180)
+        assert thread.is_alive(), f"the run ended before the node loss: {outcome}"
+        teachers = _actor_nodes("TeacherActor")
+        spread = set(teachers.values())
+        assert len(spread) >= 2 and spread <= set(workers), f"teacher actors on nodes {spread}, workers {set(workers)}"
+        victim = workers[next(iter(spread))]
+        answered_at_loss, lost_at = api.answered_total(), time.time()
+        cluster.remove_node(victim)  # the node's raylet and every worker on it, teacher (and judge) actors too
+        thread.join(240)
+        assert not thread.is_alive(), "generation still running 240 s after the node loss"
+        rerun = "error" in outcome
+        if rerun:  # the call cache makes running the same command again exactly-once
+            outcome["summary"] = generate.run(cfg, progress=False)
+
+    summary = outcome["summary"]
+    attempts = pd.read_parquet(tmp_path / "traces" / "attempts.parquet")
+    expected = list(sample_tuples(cfg.data)["tuple_id"])
+    assert list(attempts["tuple_id"]) == expected, (
+        f"{len(attempts)} rows ({attempts['tuple_id'].nunique()} distinct) for {len(expected)} tuples")
+    assert summary["rows"] == 48 and summary["errored"] == 0, summary
+    finished_before = finished_keys(cache, before=lost_at)
+    repaid = {key: n for key, n in api.answered.items() if n > 1}
+    repaid_finished = {key: repaid[key] for key in finished_before & set(repaid)}
+    assert not repaid_finished, (f"{len(repaid_finished)} of the {len(finished_before)} calls finished before the loss "
+                                 f"were paid again: {repaid_finished}")
+    # a call the lost node had in flight was answered (and billed) but never reached the cache:
+    # asked again, it is the only kind paid twice, at most the lost actors' share of the concurrency
+    # (teacher and judge: 8 / 2 actors each)
+    assert len(repaid) <= 8 and max(repaid.values(), default=1) <= 2, f"paid twice: {repaid}"
+    calls = finished_keys(cache)
+    assert set(api.answered) == calls, f"{len(set(api.answered) - calls)} answered calls never reached the cache"
+    assert api.answered_total() == len(calls) + sum(n - 1 for n in repaid.values())
+    print(f"nodes {len(spread)}, answered at loss {answered_at_loss}, finished before it {len(finished_before)}, "
+          f"answered {api.answered_total()} for {len(calls)} calls, paid twice {len(repaid)}, re-run {rerun}")
+
+
+async def _ask(client: openai.AsyncOpenAI, i: int) -> tuple[int | str, str]:
+    """One chat request: (200, text), (status, message) for an HTTP error, or (exception name, message)."""
+    try:
+        out = await client.chat.completions.create(model="base", messages=[{"role": "user", "content": f"Count from {i} to 60."}],
+                                                   max_tokens=32, temperature=0)
+        return 200, out.choices[0].message.content
+    except openai.APIStatusError as exc:
+        return exc.status_code, f"{exc.message} (Retry-After: {exc.response.headers.get('retry-after')})"
+    except openai.APIError as exc:  # no HTTP answer at all: a reset connection, a timeout
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.serve
+def test_serve_replicas_on_two_nodes_and_a_node_loss_fails_only_its_requests_with_503(cluster, embedded_model):
+    import ray
+    from synthpert.serving import running
+
+    workers = {node.node_id: node for node in _two_workers(cluster)}
+    head = cluster.head_node.node_id
+    # half a CPU a replica: both would fit one node, so landing on two is Serve spreading them
+    cfg = ServeConfig(engine="transformers", min_replicas=2, max_replicas=2, cpus_per_replica=0.5, max_batch_size=4)
+    with running(cfg) as url:
+        engines = _actor_nodes(":Engine")
+        assert len(set(engines.values())) == 2 and set(engines.values()) <= set(workers), (
+            f"engine replicas on nodes {sorted(engines.values())}, workers {sorted(workers)}")
+        ingress = set(_actor_nodes(":OpenAIIngress").values())
+        assert ingress == {head} == {ray.get_runtime_context().get_node_id()}, f"ingress on {ingress}, head {head}"
+        victim = workers[next(iter(engines.values()))]
+        survivor = (set(workers) - {victim.node_id}).pop()
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=180)
+
+        async def load() -> tuple[list, list]:
+            during = [asyncio.create_task(_ask(client, i)) for i in range(16)]
+            await asyncio.sleep(3.0)  # every request admitted, the first batches decoding on both replicas
+            await asyncio.to_thread(cluster.remove_node, victim)
+            first = await asyncio.gather(*during)
+            return first, await asyncio.gather(*(_ask(client, 100 + i) for i in range(4)))
+
+        during, after = asyncio.run(load())
+        answered = [r for r in during if r[0] == 200]
+        lost = [r for r in during if r[0] == 503]
+        other = [r for r in during if r[0] not in (200, 503)]
+        counts = f"{len(answered)} answered, {len(lost)} x 503, others {other}"
+        assert len(answered) + len(lost) == 16 and not other, counts
+        assert answered and lost, f"the loss should fail the lost replica's requests and only those: {counts}"
+        assert all("replica serving this request was lost" in m and "Retry-After: 1" in m for _, m in lost), lost
+        assert all(text for _, text in answered)
+        assert [s for s, _ in after] == [200] * 4, f"after the loss: {after}"
+        left = set(_actor_nodes(":Engine").values())
+        assert left <= {survivor}, f"engine replicas after the loss on {left}, survivor {survivor}"
+    print(f"replicas on 2 nodes; during the loss {counts}; after it 4/4 answered on the survivor")
