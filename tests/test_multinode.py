@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on one box (Ray's own `ray.cluster_utils.Cluster`): a head with no
 CPUs (the driver, Serve's controller, proxy and ingress) and two 1-CPU worker nodes, each its own
-raylet, object store and workers. Trace generation and the Serve endpoint spread over both worker
-nodes; then one worker node is removed (`Cluster.remove_node`: its raylet and every worker on it
+raylet, object store and workers. Trace generation, ZeRO-3 training and the Serve endpoint spread
+over both worker nodes; then one worker node is removed (`Cluster.remove_node`: its raylet and every worker on it
 are killed) in the middle of the work, and the counts must still add up.
 
 One box, so: Ray's control plane listens on the box's own address (192.0.2.2 here), as the
@@ -13,6 +13,10 @@ not be joined. Every HTTP endpoint (the fake provider, Serve's proxy, the dashbo
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,9 +29,11 @@ from synthpert import generate
 from synthpert.cluster import code_env
 from synthpert.config import ServeConfig
 from synthpert.data import sample_tuples
-from tests.conftest import free_port
+from synthpert.train.stage import RUN_NAME
+from tests.conftest import REPO, free_port
 from tests.fake_api import FakeAPI, finished_keys
 from tests.test_generate import _fake_cfg
+from tests.test_train import TINY, assert_adapter_matches_memory, write_traces
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
@@ -183,3 +189,50 @@ def test_serve_replicas_on_two_nodes_and_a_node_loss_fails_only_its_requests_wit
         left = set(_actor_nodes(":Engine").values())
         assert left <= {survivor}, f"engine replicas after the loss on {left}, survivor {survivor}"
     print(f"replicas on 2 nodes; during the loss {counts}; after it 4/4 answered on the survivor")
+
+
+# ---------------------------------------------------------------- training over two nodes, one lost
+def _checkpointed(storage: Path) -> bool:
+    """Ray Train has reported its first checkpoint into the run's storage folder."""
+    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.train
+@pytest.mark.timeout(1200)
+def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedded_model):
+    """ZeRO-3 partitions every weight across two training workers, one per 1-CPU worker node;
+    checkpoints go to `train.storage_path`, a folder no node owns (standing in for NFS / S3). Once
+    the first checkpoint is in, the node of a training worker is removed and a fresh node joins:
+    Ray Train (FailureConfig) restarts the group from that checkpoint on the survivor and the new
+    node, and the adapter saved at the end is gathered (non-zero lora_B, the in-memory logits)."""
+    nodes = _two_workers(cluster)
+    storage = tmp_path / "shared-storage"
+    sets = [*TINY, "train.checkpoint_every_steps=2", "train.max_failures=1", "tracking.enabled=false", f"train.storage_path={storage}"]
+    args = ["train", "--data", str(write_traces(tmp_path / "traces")), "--mode", "cot", "--output", str(tmp_path / "run"),
+            "--zero-stage", "3", "--num-workers", "2", "--max-steps", "4", "--json", *(f"--set={s}" for s in sets)]
+    # its own driver, as `synthpert train` always is, joined to this cluster
+    proc = subprocess.Popen([sys.executable, "-m", "synthpert", *args], env={**os.environ, "RAY_ADDRESS": cluster.address},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        _wait("the first checkpoint", lambda: _checkpointed(storage) or proc.poll() is not None, 600, 0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        placed = _actor_nodes("RayTrainWorker")
+        assert len(set(placed.values())) == 2, f"the two training workers ran on nodes {placed}"
+        victim = next(node for node in nodes if node.node_id in placed.values())
+        cluster.remove_node(victim)
+        cluster.add_node(num_cpus=1, object_store_memory=STORE)
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["resumed_from"] and state["resumed_from"][0] >= 2, state["resumed_from"]  # from the checkpoint, not step 0
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4] and summary["steps"] == 4
+    assert summary["final_loss"] < 0.7 * summary["first_loss"]
+    assert_adapter_matches_memory(tmp_path / "run", embedded_model)
