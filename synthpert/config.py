@@ -199,6 +199,10 @@ class ServeConfig(Section):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)
+    # how long the autoscaler sees demand above (below) the target before adding (removing) a
+    # replica: Serve's own defaults; a short downscale gives idle CPUs/GPUs back sooner
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)  # per engine replica; more wait in the engine's queue
     # admission at the ingress: a request waits while its expected wait (requests ahead / measured
     # drain rate) fits; beyond it, 503 with Retry-After from the drain rate. Default: well within

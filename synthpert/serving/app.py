@@ -302,7 +302,8 @@ def engine_options(cfg: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": -1,
         "graceful_shutdown_timeout_s": cfg.drain_timeout_s,
         "autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                               "target_ongoing_requests": cfg.target_ongoing_requests},
+                               "target_ongoing_requests": cfg.target_ongoing_requests,
+                               "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
     }
 
 
