@@ -29,9 +29,6 @@ from synthpert import generate
 from synthpert.cluster import code_env
 from synthpert.config import ServeConfig
 from synthpert.data import sample_tuples
-from synthpert.serving import running
-from synthpert.serving.launch import APP_NAME
-from synthpert.train.stage import RUN_NAME
 from tests.conftest import REPO, free_port
 from tests.fake_api import FakeAPI, finished_keys
 from tests.test_generate import _fake_cfg
@@ -155,6 +152,7 @@ async def _ask(client: openai.AsyncOpenAI, i: int) -> tuple[int | str, str]:
 @pytest.mark.serve
 def test_serve_replicas_on_two_nodes_and_a_node_loss_fails_only_its_requests_with_503(cluster, embedded_model):
     import ray
+    from synthpert.serving import running
 
     workers = {node.node_id: node for node in _two_workers(cluster)}
     head = cluster.head_node.node_id
@@ -193,10 +191,12 @@ def test_serve_replicas_on_two_nodes_and_a_node_loss_fails_only_its_requests_wit
 
 
 # ---------------------------------------------------------------- autoscaling onto a second node
-def _running_replicas(app: str) -> int:
+def _running_replicas() -> int:
     from ray import serve
 
-    states = serve.status().applications[app].deployments["Engine"].replica_states
+    from synthpert.serving.launch import APP_NAME
+
+    states = serve.status().applications[APP_NAME].deployments["Engine"].replica_states
     return states.get("RUNNING", 0)
 
 
@@ -205,11 +205,13 @@ def test_serve_scales_out_to_a_second_node_under_load_and_back_in_when_idle(clus
     """One replica's CPU per worker node: under more ongoing requests than the target, Serve's
     autoscaler adds a replica, which can only go to the other node; once the load stops it goes
     back to one replica after serve.downscale_delay_s."""
+    from synthpert.serving import running
+
     workers = {node.node_id for node in _two_workers(cluster)}
     cfg = ServeConfig(engine="transformers", min_replicas=1, max_replicas=2, target_ongoing_requests=2,
                       upscale_delay_s=0, downscale_delay_s=5, cpus_per_replica=1, max_batch_size=4)
     with running(cfg) as url:
-        assert _running_replicas(APP_NAME) == 1
+        assert _running_replicas() == 1
         client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=180)
         peak: dict[str, str] = {}
 
@@ -222,7 +224,7 @@ def test_serve_scales_out_to_a_second_node_under_load_and_back_in_when_idle(clus
                     i += 1
                 done, flying = await asyncio.wait(flying, timeout=2, return_when=asyncio.FIRST_COMPLETED)
                 answers += [task.result() for task in done]
-                if _running_replicas(APP_NAME) == 2:
+                if _running_replicas() == 2:
                     peak.update(_actor_nodes(":Engine"))
             return answers + list(await asyncio.gather(*flying))
 
@@ -230,13 +232,15 @@ def test_serve_scales_out_to_a_second_node_under_load_and_back_in_when_idle(clus
         statuses = [status for status, _ in answers]
         assert len(set(peak.values())) == 2 and set(peak.values()) <= workers, f"replicas at the peak on {peak}"
         assert statuses == [200] * len(statuses), f"{len(statuses)} requests: {statuses}"
-        _wait("back to one replica when idle", lambda: _running_replicas(APP_NAME) == 1, 180, 1.0)
+        _wait("back to one replica when idle", lambda: _running_replicas() == 1, 180, 1.0)
     print(f"scaled out to 2 nodes under {len(answers)} requests, back to 1 replica when idle")
 
 
 # ---------------------------------------------------------------- training over two nodes, one lost
 def _checkpointed(storage: Path) -> bool:
     """Ray Train has reported its first checkpoint into the run's storage folder."""
+    from synthpert.train.stage import RUN_NAME
+
     snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
     try:
         return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
