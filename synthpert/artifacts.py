@@ -23,6 +23,7 @@ from synthpert import __version__
 from synthpert.errors import SynthPertError
 
 MANIFEST = "manifest.json"
+ROW_GROUP_ROWS = 2048  # batches are buffered up to this: few row groups, a few MB held at most
 
 
 def sha256_file(path: str | Path) -> str:
@@ -45,16 +46,57 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+class TableWriter:
+    """`<directory>/<name>.parquet` cast to `schema`, written one batch at a time so a stage's output
+    never has to fit in the driver's memory. The file appears (atomically) only when the `with`
+    block ends without an error; `entry` is then its manifest entry."""
+
+    def __init__(self, directory: str | Path, name: str, schema: pa.Schema):
+        self.path, self.name, self.schema, self.rows = Path(directory) / f"{name}.parquet", name, schema, 0
+        self.entry: dict | None = None
+        self._buffer: list[pa.Table] = []
+
+    def __enter__(self) -> TableWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.close(fd)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        return self
+
+    def write(self, frame: pd.DataFrame | pa.Table) -> None:
+        table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+        missing = [f.name for f in self.schema if f.name not in table.column_names]
+        if missing:
+            raise SynthPertError(f"table {self.name!r} lacks declared columns {missing}")
+        self._buffer.append(table.select(self.schema.names).cast(self.schema))
+        self.rows += table.num_rows
+        if sum(t.num_rows for t in self._buffer) >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._writer.write_table(pa.concat_tables(self._buffer))
+            self._buffer = []
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self._flush()
+                self._writer.close()
+                os.replace(self._tmp, self.path)
+                self.entry = {"file": self.path.name, "rows": self.rows, "sha256": sha256_file(self.path),
+                              "schema": self.schema.to_string()}
+        finally:
+            self._writer.close()  # a no-op when closed above
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+
 def write_table(directory: str | Path, name: str, frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> dict:
     """Write `<directory>/<name>.parquet` cast to `schema` (atomically); return its manifest entry."""
-    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
-    missing = [f.name for f in schema if f.name not in table.column_names]
-    if missing:
-        raise SynthPertError(f"table {name!r} lacks declared columns {missing}")
-    table = table.select(schema.names).cast(schema)
-    path = Path(directory) / f"{name}.parquet"
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    return {"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path), "schema": schema.to_string()}
+    with TableWriter(directory, name, schema) as writer:
+        writer.write(frame)
+    return writer.entry
 
 
 def read_table(directory: str | Path, name: str, schema: pa.Schema | None = None) -> pd.DataFrame:

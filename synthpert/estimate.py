@@ -30,11 +30,10 @@ def measured_output_tokens(cache_path: Path | None) -> tuple[dict[str, float], i
         return {}, 0
     cache = CallCache(cache_path)
     try:
-        records = [r for _, r in cache.records()]
+        by_model = cache.output_tokens()
     finally:
         cache.close()
-    frame = pd.DataFrame({"model": [r["request"]["model"] for r in records], "out": [r["completion_tokens"] for r in records]})
-    return frame.groupby("model")["out"].mean().to_dict(), len(records)
+    return {model: mean for model, (mean, _) in by_model.items() if mean is not None}, sum(n for _, n in by_model.values())
 
 
 def _side(endpoint: EndpointConfig, calls: int, tokens_in: int, out_low: float, extra_in_low: float = 0, extra_in_high: float = 0) -> dict:

@@ -15,6 +15,8 @@ import contextlib
 import hashlib
 import json
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import pyarrow as pa
 
 from synthpert import console, estimate, prompts, tracking
 from synthpert.prompts import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-from synthpert.artifacts import write_manifest, write_table
+from synthpert.artifacts import TableWriter, write_manifest
 from synthpert.cluster import ray_session
 from synthpert.config import Config, GenerateConfig
 from synthpert.data.tuples import sample_tuples
@@ -110,8 +112,10 @@ ATTEMPTS_SCHEMA = pa.schema(
 )
 
 
-def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> pd.DataFrame:
-    """Teacher and judge actor pools on one streaming Ray Data pipeline; every row comes back once."""
+def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> Iterator[pd.DataFrame]:
+    """Teacher and judge actor pools on one streaming Ray Data pipeline. Yields finished batches in
+    the tuples' order, so the caller writes them as they come and never holds the run (at the
+    paper's scale, gathering them grew the driver by ~8 KB per call); every row comes back once."""
     import ray.data
     from tqdm import tqdm
 
@@ -136,18 +140,19 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
         structured=g.judge_structured,
     )
-    frames = []
+    ds.context.execution_options.preserve_order = True  # this dataset's own copy of the context
+    expected, done = tuples["tuple_id"].tolist(), 0
     console.total(len(tuples))
     with tqdm(total=len(tuples), desc="traces", unit="row", disable=not progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-            frames.append(batch)
+            if batch["tuple_id"].tolist() != expected[done : done + len(batch)]:
+                raise RuntimeError(f"rows out of order, lost or repeated after row {done} of {len(expected)}")
+            done += len(batch)
             bar.update(len(batch))
             report_batch(batch, ("teacher", "judge"))
-    attempts = pd.concat(frames, ignore_index=True)
-    if sorted(attempts["tuple_id"]) != sorted(tuples["tuple_id"]):
-        raise RuntimeError(f"rows in ({len(tuples)}) != rows out ({len(attempts)}) or a row came back twice")
-    order = {tuple_id: i for i, tuple_id in enumerate(tuples["tuple_id"])}
-    return attempts.sort_values("tuple_id", key=lambda s: s.map(order)).reset_index(drop=True)
+            yield _finish_columns(batch)
+    if done != len(expected):
+        raise RuntimeError(f"rows in ({len(expected)}) != rows out ({done})")
 
 
 def _finish_columns(attempts: pd.DataFrame) -> pd.DataFrame:
@@ -170,32 +175,51 @@ def sft_rows(attempts: pd.DataFrame) -> pd.DataFrame:
     return kept[["cell_line", "pert", "gene", "label", "split"]].assign(messages=pd.Series(messages, index=kept.index, dtype=object))
 
 
-def summarize(attempts: pd.DataFrame, wall_s: float) -> dict[str, Any]:
-    """The run's numbers: outcomes, calls made vs answered from cache, tokens and cost."""
-    summary: dict[str, Any] = counts(attempts)
+def tally(attempts: pd.DataFrame) -> Counter:
+    """A batch's additive numbers (rows by outcome, calls made and cached, tokens, cost, grades):
+    summed over batches they are the run's, without holding its rows."""
     made = {stage: attempts[f"{stage}_called"] for stage in ("teacher", "judge")}
-    spent = lambda column: sum(float(attempts.loc[made[s], f"{s}_{column}"].sum()) for s in made)  # noqa: E731
-    summary.update(
+    spent = lambda column: sum(attempts.loc[made[s], f"{s}_{column}"].sum() for s in made)  # noqa: E731
+    out = Counter(counts(attempts))
+    out.update(
         teacher_calls=int(made["teacher"].sum()),
         judge_calls=int(made["judge"].sum()),
         cached=int(attempts["teacher_cached"].sum() + attempts["judge_cached"].sum()),
         retries=int(attempts["teacher_retries"].sum() + attempts["judge_retries"].sum()),
         tokens_in=int(spent("tokens_in")),
         tokens_out=int(spent("tokens_out")),
-        cost_usd=round(spent("cost_usd"), 6),
+        cost_usd=float(spent("cost_usd")),
         tokens_total=int(attempts["tokens_in"].sum() + attempts["tokens_out"].sum()),
-        cost_usd_total=round(float(attempts["cost_usd"].sum()), 6),
+        cost_usd_total=float(attempts["cost_usd"].sum()),
         refused=int(attempts["error"].str.endswith(BUDGET_REFUSED, na=False).sum()),
-        acceptance_rate=round(summary["accepted"] / max(1, summary["rows"]), 4),
-        grades=grade_histogram(attempts),
-        wall_s=round(wall_s, 2),
-        rows_per_s=round(summary["rows"] / max(wall_s, 1e-9), 3),
     )
-    summary["tokens"] = summary["tokens_in"] + summary["tokens_out"]
+    out.update({f"grade:{grade}": n for grade, n in grade_histogram(attempts).items()})
+    return out
+
+
+def summarize(totals: Counter, wall_s: float) -> dict[str, Any]:
+    """The run's numbers from its summed tallies: outcomes, calls made vs answered from cache, tokens and cost."""
+    summary: dict[str, Any] = {k: v for k, v in totals.items() if not k.startswith("grade:")}
+    summary.update(
+        cost_usd=round(totals["cost_usd"], 6),
+        cost_usd_total=round(totals["cost_usd_total"], 6),
+        acceptance_rate=round(totals["accepted"] / max(1, totals["rows"]), 4),
+        grades={k.removeprefix("grade:"): n for k, n in totals.items() if k.startswith("grade:")},
+        wall_s=round(wall_s, 2),
+        rows_per_s=round(totals["rows"] / max(wall_s, 1e-9), 3),
+        tokens=totals["tokens_in"] + totals["tokens_out"],
+    )
     return summary
 
 
-def _track(summary: dict, attempts: pd.DataFrame, sft: pd.DataFrame, manifest: Path) -> None:
+def _sample(samples: dict[str, list[dict]], attempts: pd.DataFrame, sft: pd.DataFrame) -> None:
+    """Keep the run's first SAMPLE_TRACES kept and rejected traces, for MLflow."""
+    rejected = attempts.loc[~attempts["accepted"], ["tuple_id", "label", "reject_reason", "grade", "answer", "teacher_output", "error"]]
+    for name, frame in (("kept", sft), ("rejected", rejected)):
+        samples[name] += frame.head(SAMPLE_TRACES - len(samples[name])).to_dict("records")
+
+
+def _track(summary: dict, samples: dict[str, list[dict]], manifest: Path) -> None:
     from matplotlib.figure import Figure
 
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -205,14 +229,7 @@ def _track(summary: dict, attempts: pd.DataFrame, sft: pd.DataFrame, manifest: P
     axes.bar(list(summary["grades"]), list(summary["grades"].values()), color="#4c72b0")
     axes.set(title="Judge grades", ylabel="traces")
     tracking.log_figure(figure, "grade_histogram.png")
-    rejected = attempts[~attempts["accepted"]].head(SAMPLE_TRACES)
-    tracking.log_dict(
-        {
-            "kept": sft.head(SAMPLE_TRACES).to_dict("records"),
-            "rejected": rejected[["tuple_id", "label", "reject_reason", "grade", "answer", "teacher_output", "error"]].to_dict("records"),
-        },
-        "traces_sample.json",
-    )
+    tracking.log_dict(samples, "traces_sample.json")
     tracking.log_artifact(manifest)
 
 
@@ -236,13 +253,16 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         with tracking.stage_run(cfg, STAGE, sections=("data", "generate")) as run_id:
             tracking.log_params(tracking.flatten({"estimate": cost}))
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
-            attempts = _finish_columns(_stream(cfg, tuples, urls, progress))
-            sft = sft_rows(attempts)
-            summary = summarize(attempts, time.time() - started)
-            outputs = {
-                "attempts": write_table(output, "attempts", attempts, ATTEMPTS_SCHEMA),
-                "sft": write_table(output, "sft", sft, SFT_SCHEMA),
-            }
+            totals, samples = Counter(), {"kept": [], "rejected": []}
+            with TableWriter(output, "attempts", ATTEMPTS_SCHEMA) as attempts_out, TableWriter(output, "sft", SFT_SCHEMA) as sft_out:
+                for batch in _stream(cfg, tuples, urls, progress):
+                    sft = sft_rows(batch)
+                    attempts_out.write(batch)
+                    sft_out.write(sft)
+                    totals.update(tally(batch))
+                    _sample(samples, batch, sft)
+            summary = summarize(totals, time.time() - started)
+            outputs = {"attempts": attempts_out.entry, "sft": sft_out.entry}
             manifest = write_manifest(
                 output,
                 STAGE,
@@ -257,7 +277,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 mlflow_run_id=run_id,
             )
             if run_id is not None:
-                _track(summary, attempts, sft, manifest)
+                _track(summary, samples, manifest)
     if summary["refused"]:
         raise budget_stop("generate.max_cost_usd", g.max_cost_usd, summary["cost_usd"], summary["refused"], summary["rows"])
     return summary | {"output": str(output), "run_id": run_id}

@@ -180,6 +180,37 @@ def test_generate_under_faults_streams_keeps_rule_and_accounts(ray_local, tmp_pa
     assert run.inputs.dataset_inputs[0].dataset.name == "perturbqa-train-sample"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"])}
     assert {"grade_histogram.png", "traces_sample.json", "manifest.json"} <= artifacts
+    sampled = mlflow.artifacts.load_dict(f"runs:/{summary['run_id']}/traces_sample.json")  # gathered over batches
+    assert [r["tuple_id"] for r in sampled["rejected"]] == list(attempts.loc[~attempts["accepted"], "tuple_id"][: generate.SAMPLE_TRACES])
+    assert len(sampled["kept"]) == min(len(sft), generate.SAMPLE_TRACES)
+
+
+@pytest.mark.unit
+def test_table_writer_streams_batches_into_few_row_groups_and_writes_nothing_on_error(tmp_path, monkeypatch):
+    """The traces stage writes as it goes (the driver never holds the run): batches are buffered
+    into row groups, and a failure part-way leaves the previous file as it was and no temp file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synthpert import artifacts
+
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", 10)
+    schema = pa.schema([("tuple_id", pa.string()), ("n", pa.int64())])
+    batches = [pd.DataFrame({"tuple_id": [f"t{i}-{j}" for j in range(4)], "n": range(4), "extra": 1.0}) for i in range(7)]
+    with artifacts.TableWriter(tmp_path, "out", schema) as writer:
+        for batch in batches:
+            writer.write(batch)
+        assert not (tmp_path / "out.parquet").exists()  # only complete files appear
+    whole = pd.concat(batches, ignore_index=True)[["tuple_id", "n"]]
+    assert pd.read_parquet(tmp_path / "out.parquet").equals(whole)
+    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 3  # 12 + 12 + 4 rows, not 7 groups
+    assert writer.entry == {"file": "out.parquet", "rows": 28, "sha256": artifacts.sha256_file(tmp_path / "out.parquet"),
+                            "schema": schema.to_string()}
+
+    with pytest.raises(RuntimeError, match="mid-run"), artifacts.TableWriter(tmp_path, "out", schema) as failing:
+        failing.write(batches[0])
+        raise RuntimeError("mid-run")
+    assert pd.read_parquet(tmp_path / "out.parquet").equals(whole) and [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
 
 
 

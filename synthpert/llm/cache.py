@@ -116,6 +116,15 @@ class CallCache:
         for key, record in rows:
             yield key, json.loads(record)
 
+    def output_tokens(self) -> dict[str, tuple[float, int]]:
+        """Per model: mean completion tokens and calls held. Summed inside SQLite: a resume at the
+        paper's scale must not load the whole cache (it held ~4 KB per call)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT model, AVG(json_extract(record, '$.completion_tokens')), COUNT(*) FROM calls GROUP BY model"
+            ).fetchall()
+        return {model: (mean, calls) for model, mean, calls in rows}
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
