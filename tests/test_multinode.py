@@ -32,7 +32,7 @@ from synthpert.data import sample_tuples
 from tests.conftest import REPO, free_port
 from tests.fake_api import FakeAPI, finished_keys
 from tests.test_generate import _fake_cfg
-from tests.test_train import TINY, assert_adapter_matches_memory, write_traces
+from tests.test_train import TINY, assert_adapter_matches_memory, checkpointed, write_traces
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
@@ -237,17 +237,6 @@ def test_serve_scales_out_to_a_second_node_under_load_and_back_in_when_idle(clus
 
 
 # ---------------------------------------------------------------- training over two nodes, one lost
-def _checkpointed(storage: Path) -> bool:
-    """Ray Train has reported its first checkpoint into the run's storage folder."""
-    from synthpert.train.stage import RUN_NAME
-
-    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
-    try:
-        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.mark.train
 @pytest.mark.timeout(1200)
 def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedded_model):
@@ -265,7 +254,7 @@ def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedd
     proc = subprocess.Popen([sys.executable, "-m", "synthpert", *args], env={**os.environ, "RAY_ADDRESS": cluster.address},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        _wait("the first checkpoint", lambda: _checkpointed(storage) or proc.poll() is not None, 600, 0.5)
+        _wait("the first checkpoint", lambda: checkpointed(storage) or proc.poll() is not None, 600, 0.5)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         placed = _actor_nodes("RayTrainWorker")
         assert len(set(placed.values())) == 2, f"the two training workers ran on nodes {placed}"

@@ -249,16 +249,26 @@ def _our_train_workers() -> list[int]:
     return workers
 
 
+def checkpointed(storage: Path) -> bool:
+    """Ray Train has reported its first checkpoint into the run's storage folder."""
+    from synthpert.train.stage import RUN_NAME
+
+    snapshot = storage / RUN_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+
+
 def kill_a_worker_after_first_checkpoint(output: Path, timeout: float) -> tuple[threading.Thread, list[int]]:
     """A thread that SIGKILLs one of this test's Ray Train workers once the run in `output` has
     its first checkpoint; the list gets the killed pid."""
-    snapshot = output / "ray" / "train" / "checkpoint_manager_snapshot.json"
     killed: list[int] = []
 
     def watch():
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not killed:
-            if snapshot.is_file() and json.loads(snapshot.read_text()).get("checkpoint_results"):
+            if checkpointed(output / "ray"):
                 workers = _our_train_workers()
                 if workers:
                     os.kill(max(workers), signal.SIGKILL)
