@@ -77,6 +77,7 @@ class TrainResult(StageResult):
     tokens_per_cpu_s: Optional[float] = None
     peak_memory_mb: Optional[float] = None
     peak_memory_mb_per_worker: Optional[list[Optional[float]]] = None
+    worker_nodes: Optional[list[str]] = None  # each rank's Ray node id, by rank (after a restart: the last attempt's)
     memory: dict[str, Any] = {}
     lora_b_nonzero: Optional[int] = None
     train_rows: Optional[int] = None

@@ -1,8 +1,9 @@
 """A real multi-node Ray cluster on one box (Ray's own `ray.cluster_utils.Cluster`): a head with no
 CPUs (the driver, Serve's controller, proxy and ingress) and two 1-CPU worker nodes, each its own
 raylet, object store and workers. Trace generation, ZeRO-3 training and the Serve endpoint spread
-over both worker nodes; then one worker node is removed (`Cluster.remove_node`: its raylet and every worker on it
-are killed) in the middle of the work, and the counts must still add up.
+over both worker nodes; then one worker node is removed (`Cluster.remove_node`: its raylet and
+every worker on it are killed) in the middle of the work, and the counts must still add up. The
+whole pipeline, submitted as a Ray job to the head, runs over both worker nodes too.
 
 One box, so: Ray's control plane listens on the box's own address (192.0.2.2 here), as the
 `ray start --head` of tests/conftest.py does: a driver turns 127.0.0.1 into that address before it
@@ -13,8 +14,10 @@ not be joined. Every HTTP endpoint (the fake provider, Serve's proxy, the dashbo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -38,21 +41,24 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
 STORE = 100 * 2**20  # each node's object store: our blocks are a few KiB
 WORKERS = 2
+_WORKER_IDS = itertools.count(1)  # names the worker nodes' runtime_env folders
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (0 CPUs, dashboard on loopback for the state API) + two 1-CPU workers; this process is
-    the driver (the stages' `ray_session` joins it)."""
+    """Head (0 CPUs, dashboard on loopback for the state API and the job API) + two 1-CPU workers;
+    this process is the driver (the stages' `ray_session` joins it). The head's dashboard agent,
+    which runs submitted jobs, gets a free port: at Ray's default (52365) it would lose the port to
+    any other Ray node on the box and the job API would answer "No available agent"."""
     import ray
     from ray.cluster_utils import Cluster
 
     head = {"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port()}
+            "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(WORKERS):
-            cluster.add_node(num_cpus=1, object_store_memory=STORE)
+            _add_worker(cluster)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, runtime_env=code_env())
         yield cluster
@@ -61,20 +67,35 @@ def cluster():
         cluster.shutdown()
 
 
+def _add_worker(cluster):
+    """One more 1-CPU worker node, with runtime_env files of its own. The nodes of one box share a
+    session folder, and a node's runtime_env agent deletes a working_dir it no longer uses from the
+    shared `runtime_resources/`, under the feet of a job's driver on the head (whose cwd it is):
+    on a real cluster each machine has its own."""
+    return cluster.add_node(num_cpus=1, object_store_memory=STORE, runtime_env_dir_name=f"runtime_resources_{next(_WORKER_IDS)}")
+
+
 def _two_workers(cluster) -> list:
     """The live worker nodes, topped up to two (an earlier test may have removed one)."""
     while len(cluster.worker_nodes) < WORKERS:
-        cluster.add_node(num_cpus=1, object_store_memory=STORE)
+        _add_worker(cluster)
     cluster.wait_for_nodes()
     return list(cluster.worker_nodes)
 
 
 def _actor_nodes(name: str) -> dict[str, str]:
     """Alive actors whose class name contains `name`: actor id -> node id (Ray's state API)."""
+    return _actors(name, [("state", "=", "ALIVE")])
+
+
+def _actors(name: str, filters: list | None = None) -> dict[str, str]:
+    """Actors, alive or dead unless `filters` say, whose class name contains `name`: actor id ->
+    node id. Asks this driver's cluster by its address (not whichever Ray the box started last)."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-            if name in a.class_name}
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, detail=True, limit=10_000)
+    return {a.actor_id: a.node_id for a in actors if name in a.class_name}
 
 
 def _wait(what: str, done, timeout_s: float, step_s: float = 0.2) -> None:
@@ -259,8 +280,9 @@ def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedd
         placed = _actor_nodes("RayTrainWorker")
         assert len(set(placed.values())) == 2, f"the two training workers ran on nodes {placed}"
         victim = next(node for node in nodes if node.node_id in placed.values())
+        survivor = next(node.node_id for node in nodes if node is not victim)
         cluster.remove_node(victim)
-        cluster.add_node(num_cpus=1, object_store_memory=STORE)
+        fresh = _add_worker(cluster).node_id
         out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
@@ -271,4 +293,55 @@ def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedd
     assert state["resumed_from"] and state["resumed_from"][0] >= 2, state["resumed_from"]  # from the checkpoint, not step 0
     assert [h["step"] for h in state["history"]] == [1, 2, 3, 4] and summary["steps"] == 4
     assert summary["final_loss"] < 0.7 * summary["first_loss"]
+    assert sorted(summary["worker_nodes"]) == sorted([survivor, fresh]), summary["worker_nodes"]  # the restarted group's
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)
+
+
+# ---------------------------------------------------------------- the pipeline as a Ray job over both nodes
+@pytest.mark.serve
+@pytest.mark.train
+@pytest.mark.timeout(900)
+def test_the_pipeline_as_a_ray_job_over_two_nodes(cluster, tmp_path, embedded_model):
+    """`ray job submit` of the pipeline (configs/local.yaml on the transformers engine, shrunk to the
+    least that still trains and scores) to the head's job API: the driver runs on the head, each
+    training stage's two ranks on the two worker nodes, every Serve replica on a worker node."""
+    import ray
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tests.conftest import ray_job_env, wait_job
+    from tests.test_pipeline import STAGES
+
+    workers = {node.node_id for node in _two_workers(cluster)}
+    head = cluster.head_node.node_id
+    before = {name: set(_actors(name)) for name in (":Engine", "RayTrainWorker")}
+    run_dir = tmp_path / "run"
+    args = [
+        "--config", "configs/local.yaml", "--json", "--set", f"run_dir={run_dir}", "--set", "tracking.enabled=false",
+        "--set", "serve.engine=transformers", "--set", "data.limit=4",
+        "--set", "generate.teacher.max_tokens=32", "--set", "generate.judge.max_tokens=8",
+        "--set", "train.max_steps=1", "--set", "train.warmup_ratio=0", "--set", "train.batch_size=1", "--set", "train.max_seq_len=768",
+        "--set", "evaluate.limit=4", "--set", "evaluate.bootstrap=0", "--set", "evaluate.baselines=[]",
+    ]  # fmt: skip
+    client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
+    started = time.monotonic()
+    # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
+    job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}",
+                            runtime_env=ray_job_env())
+    status, logs = wait_job(client, job, timeout=840)
+    elapsed = time.monotonic() - started
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    result = json.loads(logs.strip().splitlines()[-1])
+    assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == [], result
+    assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}, result["scores"]
+    assert client.get_job_info(job).driver_node_id == head == ray.get_runtime_context().get_node_id()
+
+    trained = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("train-*/stage.json")}
+    assert len(trained) == 2, sorted(trained)
+    for stage, record in trained.items():  # one rank on each worker node (each has one CPU; the head none)
+        assert len(record["worker_nodes"]) == 2 and set(record["worker_nodes"]) == workers, (stage, record["worker_nodes"], workers)
+    engines = {a: n for a, n in _actors(":Engine").items() if a not in before[":Engine"]}
+    ranks = {a: n for a, n in _actors("RayTrainWorker").items() if a not in before["RayTrainWorker"]}
+    # one replica for the traces, one for the predictions; two ranks for each training stage
+    assert len(engines) == 2 and set(engines.values()) <= workers, f"engine replicas on {engines}, workers {workers}"
+    assert len(ranks) == 4 and set(ranks.values()) == workers, f"training workers on {ranks}, workers {workers}"
+    print(f"pipeline job over 2 worker nodes in {elapsed:.0f} s: replicas on {sorted(set(engines.values()))}")

@@ -299,6 +299,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 "tokens_per_cpu_s": state["tokens"] / state["cpu_time_s"] if state["cpu_time_s"] else 0.0,
                 "peak_memory_mb": state.get("peak_memory_mb"),
                 "peak_memory_mb_per_worker": state.get("peak_memory_mb_per_worker"),
+                "worker_nodes": state.get("worker_nodes"),
                 "memory": memory.summary(),
                 "adapter_path": str(adapter),
                 "lora_b_nonzero": lora_b_nonzero,

@@ -68,6 +68,16 @@ def _all_reduce(values: list[float], device, op: str = "SUM") -> list[float]:
     return tensor.tolist()
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """Every rank's Ray node id, by rank: on a cluster, where the workers of this attempt ran."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
 def _peak_memory_mb(device) -> float:
     """This worker's peak accelerator memory (GPU) or peak resident set size (CPU), in MiB."""
     import resource
@@ -299,5 +309,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                 peaks[rank] = _peak_memory_mb(device)
                 state["peak_memory_mb_per_worker"] = _all_reduce(peaks, device)  # every rank's, by rank
                 state["peak_memory_mb"] = max(state["peak_memory_mb_per_worker"])
+                state["worker_nodes"] = _worker_nodes(world)
             if final or not cfg.checkpoint_every_steps:
                 reporter.checkpoint(state, metrics({"val_loss": val}), final=final)
