@@ -7,11 +7,13 @@ reader can check it got what it expected.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +36,23 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[str]:
+    """A temp file beside `path`, moved onto it when the block ends cleanly, removed otherwise."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _atomic_write(path: Path, write) -> None:
+    with _atomic_path(path) as tmp:
+        write(tmp)
 
 
 class TableWriter:
@@ -57,10 +66,9 @@ class TableWriter:
         self._buffer: list[pa.Table] = []
 
     def __enter__(self) -> TableWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.close(fd)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        with contextlib.ExitStack() as stack:  # a writer that fails to open takes its temp file with it
+            self._writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(_atomic_path(self.path)), self.schema))
+            self._stack = stack.pop_all()
         return self
 
     def write(self, frame: pd.DataFrame | pa.Table) -> None:
@@ -79,17 +87,12 @@ class TableWriter:
             self._buffer = []
 
     def __exit__(self, kind, error, trace) -> None:
-        try:
-            if kind is None:
-                self._flush()
-                self._writer.close()
-                os.replace(self._tmp, self.path)
-                self.entry = {"file": self.path.name, "rows": self.rows, "sha256": sha256_file(self.path),
-                              "schema": self.schema.to_string()}
-        finally:
-            self._writer.close()  # a no-op when closed above
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+        if kind is not None:  # the writer closes and the temp file goes
+            self._stack.__exit__(kind, error, trace)
+            return
+        with self._stack:  # the writer closes, then the file moves into place (or goes, if the flush fails)
+            self._flush()
+        self.entry = {"file": self.path.name, "rows": self.rows, "sha256": sha256_file(self.path), "schema": self.schema.to_string()}
 
 
 def write_table(directory: str | Path, name: str, frame: pd.DataFrame | pa.Table, schema: pa.Schema) -> dict:
