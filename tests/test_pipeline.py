@@ -1,8 +1,5 @@
-"""The pipeline: skip-if-done keys, champion promotion, and the whole local run as a real Ray job
-against a real MLflow server, run twice (the second run skips every stage)."""
-
-import json
-import shlex
+"""The pipeline: skip-if-done keys and champion promotion (the whole local run as a Ray job, run
+twice, is in tests/test_multinode.py, on a multi-node cluster)."""
 
 import mlflow
 import pytest
@@ -12,7 +9,6 @@ from synthpert import tracking
 from synthpert.config import load_config
 from synthpert.pipeline import Pipeline, declared_inputs
 from synthpert.results import PredictResult, TrainResult
-from tests.conftest import run_cli
 
 STAGES = ["traces", "train-cot", "train-raw", "predict-student-cot", "predict-student-raw", "predict-base", "evaluate", "register", "report"]
 
@@ -94,6 +90,7 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     and nothing about the choice; a version better on test but worse on validation is not promoted."""
     import numpy as np
 
+    import synthpert.baselines as baselines
     import synthpert.data as data
 
     cfg = load_config(None, [f"run_dir={tmp_path}/a", "data.cell_lines=[k562]", "evaluate.limit=30", "evaluate.bootstrap=0",
@@ -101,7 +98,12 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     truth = data.load_split(cfg.data)
     assert (truth["split"] == "validation").any()
     predictions = {"student-cot": _fake_predictions(cfg, tmp_path / "p", truth, "student-cot", 1.5)}
+    fits = []  # each baseline learns once from the train rows and predicts validation and test alike
+    scores = baselines._scores
+    monkeypatch.setattr(baselines, "_scores", lambda method, *args: fits.append(method) or scores(method, *args))
     real = Pipeline(cfg, progress=False).evaluate(predictions)
+    assert sorted(fits) == sorted(cfg.evaluate.baselines), fits
+    assert set(real.validation) == set(real.models) >= {"student-cot", "trivial", *cfg.evaluate.baselines}
     scrambled_truth = truth.copy()
     test = (scrambled_truth["split"] == "test").to_numpy()
     scrambled_truth.loc[test, "label"] = np.random.default_rng(0).permutation(scrambled_truth.loc[test, "label"].to_numpy())
@@ -128,50 +130,3 @@ def test_hold_out_runs_register_under_their_own_name():
     assert tracking.registered_name(load_config(None, ["train.mode=raw"])) == "synthpert-student-raw"
     assert tracking.registered_name(load_config("configs/paper_rpe1.yaml")) == "synthpert-student-holdout-rpe1"
 
-
-@pytest.mark.ray
-@pytest.mark.serve
-@pytest.mark.train
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_local_pipeline_as_a_ray_job_then_every_stage_skips(ray_head, mlflow_server, tmp_path):
-    """configs/local.yaml, shrunk: submitted to a real Ray head, tracked on a real MLflow server."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from tests.conftest import ray_job_env, wait_job
-
-    run_dir = tmp_path / "run"
-    args = [
-        "--config", "configs/local.yaml", "--json",
-        "--set", f"run_dir={run_dir}", "--set", f"tracking.tracking_uri={mlflow_server}",
-        "--set", "tracking.experiment=pipeline-test", "--set", "data.limit=4", "--set", "evaluate.limit=4",
-        "--set", "train.max_steps=2", "--set", "evaluate.bootstrap=20",
-        "--set", "generate.teacher.max_tokens=48", "--set", "generate.judge.max_tokens=16", "--set", "train.max_seq_len=768",
-    ]  # fmt: skip
-    client = JobSubmissionClient(ray_head)
-    job = client.submit_job(entrypoint=f"python ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=ray_job_env())
-    status, logs = wait_job(client, job, timeout=1200)
-    assert status == JobStatus.SUCCEEDED, logs[-5000:]
-    result = json.loads(logs.strip().splitlines()[-1])
-    assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == []  # the predict stages end in any order
-    report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
-    for model in ("student-cot", "student-raw", "base", "trivial", "retrieval"):
-        assert f"| {model} |" in report
-    assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
-    assert set(result["validation_scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
-    assert "val AUROC DE" in report and "Scoring contract" in report  # validation and test side by side
-
-    tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=pipeline-test"]).tracking)
-    mlflow_client = MlflowClient()
-    parent = mlflow_client.get_run(result["mlflow_parent_run_id"])
-    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", output_format="list")
-    assert {"generate", "train"} <= {r.data.tags["synthpert.stage"] for r in children}
-    champion = mlflow_client.get_model_version_by_alias("synthpert-student", "champion")
-    assert str(champion.version) == str(result["registered"]["version"])
-    assert "report/report.md" in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")]
-
-    again = run_cli("pipeline", *args, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    second = json.loads(again.stdout.strip().splitlines()[-1])
-    assert second["ran"] == [] and sorted(second["skipped"]) == sorted(STAGES)
-    assert second["scores"] == result["scores"]
