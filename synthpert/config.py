@@ -164,6 +164,9 @@ class TrainConfig(Section):
     # Ray Train storage for checkpoints; None: OUTPUT/ray. Multi-node: shared storage (NFS path, s3://…)
     storage_path: str | None = None
     max_failures: int = 1
+    # Ray Train's placement of the ranks: PACK fills one node first (collectives stay on the node);
+    # SPREAD puts them on different nodes where it can (a lost node takes fewer ranks with it)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     # "torch": torch AdamW (fused on GPU), nothing to compile; "deepspeed": DeepSpeed's FusedAdam /
     # DeepSpeedCPUAdam (JIT-built with ninja on first use, the faster choice with optimizer offload)
     optimizer: Literal["torch", "deepspeed"] = "torch"

@@ -67,12 +67,12 @@ def cluster():
         cluster.shutdown()
 
 
-def _add_worker(cluster):
-    """One more 1-CPU worker node, with runtime_env files of its own. The nodes of one box share a
+def _add_worker(cluster, num_cpus: float = 1):
+    """One more worker node (1 CPU unless said), with runtime_env files of its own. The nodes of one box share a
     session folder, and a node's runtime_env agent deletes a working_dir it no longer uses from the
     shared `runtime_resources/`, under the feet of a job's driver on the head (whose cwd it is):
     on a real cluster each machine has its own."""
-    return cluster.add_node(num_cpus=1, object_store_memory=STORE, runtime_env_dir_name=f"runtime_resources_{next(_WORKER_IDS)}")
+    return cluster.add_node(num_cpus=num_cpus, object_store_memory=STORE, runtime_env_dir_name=f"runtime_resources_{next(_WORKER_IDS)}")
 
 
 def _two_workers(cluster) -> list:
@@ -297,51 +297,89 @@ def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedd
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)
 
 
-# ---------------------------------------------------------------- the pipeline as a Ray job over both nodes
+# ---------------------------------------------------------------- the pipeline as a Ray job over the nodes
 @pytest.mark.serve
 @pytest.mark.train
-@pytest.mark.timeout(900)
-def test_the_pipeline_as_a_ray_job_over_two_nodes(cluster, tmp_path, embedded_model):
-    """`ray job submit` of the pipeline (configs/local.yaml on the transformers engine, shrunk to the
-    least that still trains and scores) to the head's job API: the driver runs on the head, each
-    training stage's two ranks on the two worker nodes, every Serve replica on a worker node."""
+@pytest.mark.timeout(1500)
+def test_the_pipeline_as_a_ray_job_over_the_nodes_then_every_stage_skips(cluster, tmp_path, mlflow_server):
+    """`ray job submit` of the README's run (configs/local.yaml on its default engine, vLLM here;
+    shrunk to the least that still trains and scores) to the head's job API, tracked on a real
+    MLflow server: the driver runs on the head, each training stage's two ranks on two worker
+    nodes (`train.placement_strategy=SPREAD`), every Serve replica on the worker node that can
+    hold it (a vLLM replica holds 2 CPUs: a third worker node has them). A second, local run of
+    the same config skips every stage."""
     import ray
+    from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from tests.conftest import ray_job_env, wait_job
+    from synthpert import tracking
+    from synthpert.config import load_config
+    from synthpert.serving.app import replica_cpus
+    from tests.conftest import ray_job_env, run_cli, wait_job
     from tests.test_pipeline import STAGES
 
-    workers = {node.node_id for node in _two_workers(cluster)}
-    head = cluster.head_node.node_id
-    before = {name: set(_actors(name)) for name in (":Engine", "RayTrainWorker")}
-    run_dir = tmp_path / "run"
-    args = [
-        "--config", "configs/local.yaml", "--json", "--set", f"run_dir={run_dir}", "--set", "tracking.enabled=false",
-        "--set", "serve.engine=transformers", "--set", "data.limit=4",
-        "--set", "generate.teacher.max_tokens=32", "--set", "generate.judge.max_tokens=8",
-        "--set", "train.max_steps=1", "--set", "train.warmup_ratio=0", "--set", "train.batch_size=1", "--set", "train.max_seq_len=768",
-        "--set", "evaluate.limit=4", "--set", "evaluate.bootstrap=0", "--set", "evaluate.baselines=[]",
-    ]  # fmt: skip
-    client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
-    started = time.monotonic()
-    # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
-    job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}",
-                            runtime_env=ray_job_env())
-    status, logs = wait_job(client, job, timeout=840)
-    elapsed = time.monotonic() - started
-    assert status == JobStatus.SUCCEEDED, logs[-5000:]
-    result = json.loads(logs.strip().splitlines()[-1])
-    assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == [], result
-    assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}, result["scores"]
-    assert client.get_job_info(job).driver_node_id == head == ray.get_runtime_context().get_node_id()
+    cfg = load_config("configs/local.yaml", [])
+    _two_workers(cluster)
+    wide = _add_worker(cluster, num_cpus=replica_cpus(cfg.serve))
+    cluster.wait_for_nodes()
+    try:
+        workers = {node.node_id for node in cluster.worker_nodes}
+        head = cluster.head_node.node_id
+        before = {name: set(_actors(name)) for name in (":Engine", "RayTrainWorker")}
+        run_dir = tmp_path / "run"
+        args = [
+            "--config", "configs/local.yaml", "--json", "--set", f"run_dir={run_dir}",
+            "--set", f"tracking.tracking_uri={mlflow_server}", "--set", "tracking.experiment=pipeline-test",
+            "--set", "data.limit=4", "--set", "generate.teacher.max_tokens=48", "--set", "generate.judge.max_tokens=16",
+            "--set", "train.max_steps=1", "--set", "train.warmup_ratio=0", "--set", "train.batch_size=1",
+            "--set", "train.max_seq_len=768", "--set", "train.placement_strategy=SPREAD",
+            "--set", "evaluate.limit=4", "--set", "evaluate.bootstrap=20", "--set", "evaluate.baselines=[retrieval]",
+        ]  # fmt: skip
+        client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
+        started = time.monotonic()
+        # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
+        job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}",
+                                runtime_env=ray_job_env())
+        status, logs = wait_job(client, job, timeout=1200)
+        elapsed = time.monotonic() - started
+        assert status == JobStatus.SUCCEEDED, logs[-5000:]
+        result = json.loads(logs.strip().splitlines()[-1])
+        assert sorted(result["ran"]) == sorted(STAGES) and result["skipped"] == [], result  # the predict stages end in any order
+        assert client.get_job_info(job).driver_node_id == head == ray.get_runtime_context().get_node_id()
 
-    trained = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("train-*/stage.json")}
-    assert len(trained) == 2, sorted(trained)
-    for stage, record in trained.items():  # one rank on each worker node (each has one CPU; the head none)
-        assert len(record["worker_nodes"]) == 2 and set(record["worker_nodes"]) == workers, (stage, record["worker_nodes"], workers)
-    engines = {a: n for a, n in _actors(":Engine").items() if a not in before[":Engine"]}
-    ranks = {a: n for a, n in _actors("RayTrainWorker").items() if a not in before["RayTrainWorker"]}
-    # one replica for the traces, one for the predictions; two ranks for each training stage
-    assert len(engines) == 2 and set(engines.values()) <= workers, f"engine replicas on {engines}, workers {workers}"
-    assert len(ranks) == 4 and set(ranks.values()) == workers, f"training workers on {ranks}, workers {workers}"
-    print(f"pipeline job over 2 worker nodes in {elapsed:.0f} s: replicas on {sorted(set(engines.values()))}")
+        report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
+        for model in ("student-cot", "student-raw", "base", "trivial", "retrieval"):
+            assert f"| {model} |" in report
+        assert set(result["scores"]) >= {"student-cot", "student-raw", "base", "trivial"}, result["scores"]
+        assert set(result["validation_scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
+        assert "val AUROC DE" in report and "Scoring contract" in report  # validation and test side by side
+        assert f"engine `{cfg.serve.resolved().engine}`" in report  # the default engine served
+
+        trained = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("train-*/stage.json")}
+        assert len(trained) == 2, sorted(trained)
+        for stage, record in trained.items():  # SPREAD: the two ranks on two different worker nodes
+            nodes = record["worker_nodes"]
+            assert len(nodes) == 2 and len(set(nodes)) == 2 and set(nodes) <= workers, (stage, nodes, workers)
+        engines = {a: n for a, n in _actors(":Engine").items() if a not in before[":Engine"]}
+        ranks = {a: n for a, n in _actors("RayTrainWorker").items() if a not in before["RayTrainWorker"]}
+        # one replica for the traces, one for the predictions, on the one node with room for it; two ranks per training stage
+        assert len(engines) == 2 and set(engines.values()) == {wide.node_id}, f"engine replicas on {engines}, wide node {wide.node_id}"
+        assert len(ranks) == 4 and set(ranks.values()) <= workers and len(set(ranks.values())) >= 2, f"training workers on {ranks}"
+
+        tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=pipeline-test"]).tracking)
+        mlflow_client = MlflowClient()
+        parent = mlflow_client.get_run(result["mlflow_parent_run_id"])
+        children = mlflow_client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {"generate", "train"} <= {r.data.tags["synthpert.stage"] for r in children}
+        champion = mlflow_client.get_model_version_by_alias("synthpert-student", "champion")
+        assert str(champion.version) == str(result["registered"]["version"])
+        assert "report/report.md" in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")]
+    finally:
+        cluster.remove_node(wide)
+
+    again = run_cli("pipeline", *args, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["ran"] == [] and sorted(second["skipped"]) == sorted(STAGES)
+    assert second["scores"] == result["scores"]
+    print(f"pipeline job over {len(workers)} worker nodes in {elapsed:.0f} s: replicas on {sorted(set(engines.values()))}")

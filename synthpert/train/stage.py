@@ -270,7 +270,8 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"train": tc.model_dump(mode="json"), "plan": plan},
-                scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+                scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources,
+                                             placement_strategy=tc.placement_strategy),
                 run_config=RunConfig(
                     name=RUN_NAME,
                     storage_path=storage,
