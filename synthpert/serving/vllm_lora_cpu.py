@@ -12,6 +12,8 @@ kernels) is not touched.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -85,5 +87,9 @@ def register() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:
         return
+    if all(getattr(punica_cpu, name) is op for name, op in OPS.items()):
+        return
     for name, op in OPS.items():
         setattr(punica_cpu, name, op)
+    # under vLLM's own logger, so the line shows in each engine process's log once
+    logging.getLogger("vllm.plugins.synthpert").info("LoRA on CPU: grouped matmuls per adapter (synthpert.serving.vllm_lora_cpu)")
