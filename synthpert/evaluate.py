@@ -152,7 +152,7 @@ def check_predictions(frame: pd.DataFrame, source: str = "predictions") -> pd.Da
     return out
 
 
-def _pair_index(frame: pd.DataFrame) -> pd.Index:
+def pair_index(frame: pd.DataFrame) -> pd.Index:
     """One string key per (cell_line, pert, gene): a hash join ~10x faster than a 3-column merge."""
     parts = [frame[c].astype(str).to_numpy(dtype=object) for c in KEYS]
     return pd.Index(parts[0] + "\t" + parts[1] + "\t" + parts[2])
@@ -166,12 +166,12 @@ def align(predictions: pd.DataFrame, truth: pd.DataFrame, require_complete: bool
     an error.
     """
     test = truth[truth["split"] == "test"]
-    wanted = _pair_index(predictions)
-    at = _pair_index(test).get_indexer(wanted)
+    wanted = pair_index(predictions)
+    at = pair_index(test).get_indexer(wanted)
     unmatched = at < 0
     if unmatched.any():
         train = truth[truth["split"] == "train"]
-        in_train = int((_pair_index(train).get_indexer(wanted[unmatched]) >= 0).sum())
+        in_train = int((pair_index(train).get_indexer(wanted[unmatched]) >= 0).sum())
         hint = f" ({in_train} of them are training pairs)" if in_train else ""
         raise SynthPertError(f"predictions for pairs that are not test pairs of split {truth.attrs.get('split', 'perturbqa')!r}{hint}: {_examples(predictions, unmatched)}")
     scored = test.iloc[at].reset_index(drop=True)

@@ -303,15 +303,14 @@ class Pipeline:
             frames = {name: read_table(p.dir, "predictions") for name, p in predictions.items()}
             results: dict[str, dict[str, Metrics]] = {"validation": {}, "models": {}}
             tuples = next(iter(frames.values()))
-            baselines = baseline_predictions(self.cfg, truth, tuples[["cell_line", "pert", "gene"]])
+            baselines = baseline_predictions(self.cfg, truth, tuples[list(evaluate.KEYS)])
             for part, where in (("validation", "validation"), ("test", "models")):
                 view = evaluation_view(truth, part)
-                keys = pd.MultiIndex.from_frame(tuples.loc[tuples["split"] == part, ["cell_line", "pert", "gene"]].astype(str))
+                keys = evaluate.pair_index(tuples[tuples["split"] == part])
                 if keys.empty:
                     continue
                 asked = {name: frame[frame["split"] == part] for name, frame in frames.items()}
-                asked.update({name: frame[pd.MultiIndex.from_frame(frame[["cell_line", "pert", "gene"]]).isin(keys)]
-                              for name, frame in baselines.items()})
+                asked.update({name: frame[evaluate.pair_index(frame).isin(keys)] for name, frame in baselines.items()})
                 for name, frame in asked.items():
                     e = self.cfg.evaluate
                     metrics = evaluate.evaluate(evaluate.check_predictions(frame.drop(columns=["split"], errors="ignore"), name), view,
