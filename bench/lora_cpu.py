@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -64,8 +65,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"threads": args.threads, "layers": LAYERS, "rank": RANK,
+    result = {"threads": args.threads, "layers": LAYERS, "rank": RANK, "load_avg_1m": round(os.getloadavg()[0], 2),
               "cases": {name: case(tokens, mixed, args.repeats) for name, (tokens, mixed) in CASES.items()}}
+    result["load_avg_1m_end"] = round(os.getloadavg()[0], 2)  # a shared machine: read the numbers with this
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

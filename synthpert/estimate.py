@@ -85,14 +85,12 @@ def for_stages(cfg: Config, stages: list[str], cache_path: Path | None = None) -
     by stage, with its budget; empty when none is paid, without sampling a tuple (the local run
     costs nothing)."""
     g, out = cfg.generate, {}
-    if "traces" in stages and (g.teacher.priced() or g.judge.priced()):
-        from synthpert.generate import sample_tuples
+    from synthpert.data import eval_tuples, sample_tuples  # the data tables load only for a paid run
 
+    if "traces" in stages and (g.teacher.priced() or g.judge.priced()):
         out["traces"] = estimate(sample_tuples(cfg.data), g, cache_path or g.cache_path) | {"budget_usd": g.max_cost_usd}
     if "predict-teacher" in stages and g.teacher.priced():
-        from synthpert.predict import eval_tuples
-
-        out["predict-teacher"] = (predict_estimate(eval_tuples(cfg), g.teacher, cfg.evaluate.direction)
+        out["predict-teacher"] = (predict_estimate(eval_tuples(cfg.data, cfg.evaluate), g.teacher, cfg.evaluate.direction)
                                   | {"budget_usd": cfg.evaluate.max_cost_usd})
     return out
 

@@ -112,7 +112,7 @@ ATTEMPTS_SCHEMA = pa.schema(
 )
 
 
-def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> Iterator[pd.DataFrame]:
+def _stream(cfg: Config, prompt_set: prompts.PromptSet, tuples: pd.DataFrame, urls: dict[str, str], progress: bool) -> Iterator[pd.DataFrame]:
     """Teacher and judge actor pools on one streaming Ray Data pipeline. Yields finished batches in
     the tuples' order, so the caller writes them as they come and never holds the run (at the
     paper's scale, gathering them grew the driver by ~8 KB per call); every row comes back once."""
@@ -120,7 +120,6 @@ def _stream(cfg: Config, tuples: pd.DataFrame, urls: dict[str, str], progress: b
     from tqdm import tqdm
 
     g = cfg.generate
-    prompt_set = prompts.PromptSet.from_config(g)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
     CallCache.start_budget(cache_path, g.max_cost_usd)
@@ -238,6 +237,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     g = cfg.generate
     started = time.time()
     tuples = sample_tuples(cfg.data)
+    prompt_set = prompts.PromptSet.from_config(g)
     output = Path(g.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     cost = estimate.estimate(tuples, g, g.cache_path or output / "calls.sqlite")
@@ -255,7 +255,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
             tracking.log_input_table(tuples[TUPLE_COLUMNS], name="perturbqa-train-sample", source=str(cfg.data.data_dir or "vendored"))
             totals, samples = Counter(), {"kept": [], "rejected": []}
             with TableWriter(output, "attempts", ATTEMPTS_SCHEMA) as attempts_out, TableWriter(output, "sft", SFT_SCHEMA) as sft_out:
-                for batch in _stream(cfg, tuples, urls, progress):
+                for batch in _stream(cfg, prompt_set, tuples, urls, progress):
                     sft = sft_rows(batch)
                     attempts_out.write(batch)
                     sft_out.write(sft)
@@ -269,7 +269,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 outputs,
                 config=cfg.model_dump(mode="json", include={"data", "generate"}),
                 config_digest=cfg.digest("data", "generate"),
-                template_versions=prompts.PromptSet.from_config(g).versions,
+                template_versions=prompt_set.versions,
                 models={"teacher": g.teacher.model, "judge": g.judge.model},
                 endpoints=urls,
                 counts=summary,

@@ -259,13 +259,14 @@ class Pipeline:
     def predictions(self, models: dict[str, ModelSpec]) -> dict[str, PredictResult]:
         """Every model over the same test tuples; our endpoint is started only if some are missing."""
         from synthpert import predict
+        from synthpert.data import eval_tuples
         from synthpert.llm.endpoint import api_key
 
         inputs = {name: self.predict_inputs(spec) for name, spec in models.items()}
         finished = {name: self.result(f"predict-{name}", stage_key(inputs[name]), PredictResult) for name in models}
         if all(result is not None for result in finished.values()):
             return {name: self.stage(f"predict-{name}", inputs[name], PredictResult, None) for name in models}
-        tuples = predict.eval_tuples(self.cfg)
+        tuples = eval_tuples(self.cfg.data, self.cfg.evaluate)
         adapters = {name: str(spec.adapter) for name, spec in models.items() if spec.adapter is not None}
         with contextlib.ExitStack() as stack:
             own_url = None

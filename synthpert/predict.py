@@ -134,25 +134,6 @@ class PredictActor(LLMActor):
         }
 
 
-def eval_tuples(cfg: Config) -> pd.DataFrame:
-    """Validation and test tuples of the configured split (at most `evaluate.limit` of each per cell
-    line, whole read-out genes), with context and their `split`: the champion is chosen on the
-    validation rows, the test rows are only reported."""
-    from synthpert.data import gene_sample, load_split, with_context
-
-    pairs = load_split(cfg.data)
-    parts = []
-    for part in ("validation", "test"):
-        rows = pairs[pairs["split"] == part]
-        if cfg.evaluate.limit is not None:
-            rows = pd.concat([gene_sample(group, cfg.evaluate.limit, cfg.evaluate.seed)
-                              for _, group in rows.groupby("cell_line", observed=True)] or [rows])
-        parts.append(rows)
-    if parts[1].empty:
-        raise SynthPertError(f"no test tuples for cell lines {cfg.data.cell_lines} with split {cfg.data.split!r}")
-    return with_context(pd.concat(parts).reset_index(drop=True), pairs, cfg.data)
-
-
 def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_url: str, mode: str, output_dir: str | Path,
             api_key=None, score: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run one model over `tuples` (eval_tuples); write `predictions.parquet` + manifest to `output_dir`."""

@@ -21,6 +21,7 @@ from typing import Callable
 
 from synthpert.config import Config, EndpointConfig
 from synthpert.errors import SynthPertError
+from synthpert.models import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_cached, embedded_gguf, model_name
 
 PROBE_TIMEOUT_S = 5.0  # a healthy endpoint lists its models in well under a second
 SHOWN_MODELS = 5
@@ -75,7 +76,7 @@ def run(cfg: Config) -> Report:
         checks += [model_path("train.base_model", cfg.train.base_model), *train_resources(cfg, cluster)]
         if cfg.train.storage_path and "://" not in cfg.train.storage_path:
             checks.append(writable("train.storage_path", Path(cfg.train.storage_path)))
-    if training and ours and _model_id(cfg.train.base_model) != _model_id(cfg.serve.model):
+    if training and ours and model_name(cfg.train.base_model) != model_name(cfg.serve.model):  # as the endpoint compares an adapter's
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
     cost = {}
@@ -174,8 +175,6 @@ def _listed_models(base_url: str, key: str | None) -> tuple[list[str], str | Non
 
 def model_path(subject: str, value: str | None) -> Check:
     """A local model folder that loads as a config (no weights); the embedded model is bundled."""
-    from synthpert.models import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_cached, embedded_gguf
-
     if value in EMBEDDED_ALIASES:
         if not (embedded_cached() / "config.json").is_file():
             try:
@@ -193,12 +192,6 @@ def model_path(subject: str, value: str | None) -> Check:
     except Exception as exc:  # any reason it does not load is the user's to fix
         return Check(subject, False, f"{path} does not load as a model config: {str(exc).splitlines()[0]}")
     return Check(subject, True, f"{path} ({config.model_type})")
-
-
-def _model_id(value: str | None) -> str | None:
-    from synthpert.models import EMBEDDED_ALIASES
-
-    return None if value in EMBEDDED_ALIASES else str(Path(value).expanduser().absolute())
 
 
 def train_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
@@ -95,20 +97,14 @@ def true_label(prompt: str) -> str:
 
 def finished_keys(cache_path: Path, before: float | None = None) -> set[str]:
     """Server-side keys of the calls a call cache holds (what must never be asked again); `before`:
-    only those committed before that time.time() (a node loss's moment, say)."""
-    from synthpert.llm.cache import CallCache
-
-    cache = CallCache(cache_path)
-    try:
-        if before is not None:
-            with cache._lock:
-                rows = cache._db.execute("SELECT record FROM calls WHERE created < ?", (before,)).fetchall()
-            records = [json.loads(record) for (record,) in rows]
-        else:
-            records = [r for _, r in cache.records()]
-        return {content_key(r["request"]["model"], r["request"]["messages"]) for r in records}
-    finally:
-        cache.close()
+    only those committed before that time.time() (a node loss's moment, say). Read from the
+    cache's SQLite file itself, as an auditor would, not through the product's own reader."""
+    with contextlib.closing(sqlite3.connect(cache_path)) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'calls'").fetchone():
+            return set()  # a live run that has only just created the file
+        rows = db.execute("SELECT record FROM calls WHERE created < ?", (math.inf if before is None else before,)).fetchall()
+    records = [json.loads(record) for (record,) in rows]
+    return {content_key(r["request"]["model"], r["request"]["messages"]) for r in records}
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pytest
 
 from synthpert import generate, judge, prompts
 from synthpert.config import load_config
-from synthpert.data import sample_tuples
+from synthpert.data import eval_tuples, sample_tuples
 from tests.conftest import REPO, free_port
 from tests.fake_api import MALFORMED, FakeAPI, Faults, content_key, finished_keys
 
@@ -361,7 +361,7 @@ def test_prediction_budget_stops_paid_calls_then_a_rerun_finishes_without_repayi
         cfg = _fake_cfg(api, tmp_path, "evaluate.limit=6", "generate.teacher.max_tokens=100", "generate.teacher.max_concurrency=4",
                         "generate.teacher.price_in_per_mtok=1000", "generate.teacher.price_out_per_mtok=1000")
         teacher, out = cfg.generate.teacher, tmp_path / "predict-teacher"
-        tuples = predict.eval_tuples(cfg)
+        tuples = eval_tuples(cfg.data, cfg.evaluate)
         budget = round(0.3 * estimate.predict_estimate(tuples, teacher, cfg.evaluate.direction)["usd"][1], 4)
         cfg.evaluate.max_cost_usd = budget
         with pytest.raises(SynthPertError, match=rf"budget evaluate.max_cost_usd=\${budget} reached .* rows not finished"):

@@ -68,9 +68,10 @@ def _fake_predictions(cfg, root, truth, name: str, skill: float) -> PredictResul
     from synthpert.artifacts import write_manifest, write_table
     import pyarrow as pa
 
-    from synthpert.predict import PROBS, eval_tuples
+    from synthpert.data import eval_tuples
+    from synthpert.predict import PROBS
 
-    rows = eval_tuples(cfg)[["cell_line", "pert", "gene", "label", "split"]]
+    rows = eval_tuples(cfg.data, cfg.evaluate)[["cell_line", "pert", "gene", "label", "split"]]
     rng = np.random.default_rng(len(name))
     truth_label = rows.merge(truth[["cell_line", "pert", "gene", "label"]], on=["cell_line", "pert", "gene"], suffixes=("", "_t"))["label_t"]
     logits = rng.normal(size=(len(rows), 3)) + skill * np.stack([truth_label == lab for lab in ("upregulated", "downregulated", "not differentially expressed")], 1)

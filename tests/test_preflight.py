@@ -122,6 +122,15 @@ def test_a_cluster_with_cpus_for_the_replica_only_is_refused(tmp_path, monkeypat
 
 
 @pytest.mark.unit
+def test_a_copy_of_the_served_model_in_another_folder_is_the_same_base(tmp_path):
+    """Preflight compares the training and serving models as the endpoint compares an adapter's
+    base: by the model's folder name, so a copy on a node's own disk is the same model."""
+    copy = f"train.base_model={tmp_path}/nfs/SmolLM2-135M-Instruct"
+    failed = {c.subject for c in preflight.run(load_config(LOCAL, [f"run_dir={tmp_path}", copy])).failures}
+    assert "train.base_model" in failed and "serve.model" not in failed  # the copy is missing, but it is the served model
+
+
+@pytest.mark.unit
 def test_finished_stages_are_not_checked(tmp_path):
     cfg = load_config(LOCAL, [f"run_dir={tmp_path}", "train.base_model=/nonexistent/model", "train.use_gpu=true"])
     pipeline = Pipeline(cfg, progress=False)

@@ -20,6 +20,6 @@ from synthpert.data.perturbqa import (
     read_user_pairs,
     subsample,
 )
-from synthpert.data.tuples import sample_tuples, with_context
+from synthpert.data.tuples import eval_tuples, sample_tuples, with_context
 
-__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "carve_validation", "describe", "evaluation_view", "data_file", "gene_sample", "is_validation", "jaccard", "leakage_report", "load_pairs", "load_split", "parse_split", "read_user_pairs", "sample_tuples", "subsample", "with_context"]
+__all__ = ["COLUMNS", "DIRECTIONS", "Knowledge", "apply_split", "build_split", "carve_validation", "describe", "eval_tuples", "evaluation_view", "data_file", "gene_sample", "is_validation", "jaccard", "leakage_report", "load_pairs", "load_split", "parse_split", "read_user_pairs", "sample_tuples", "subsample", "with_context"]

@@ -1,13 +1,13 @@
-"""The tuples the LLM stages ask about, as prompt rows: the seeded training sample, and any pairs
-with their knowledge context (from training rows only)."""
+"""The tuples the LLM stages ask about, as prompt rows: the seeded training sample, the evaluation
+tuples, and any pairs with their knowledge context (from training rows only)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from synthpert.config import DataConfig
+from synthpert.config import DataConfig, EvaluateConfig
 from synthpert.data.knowledge import Knowledge
-from synthpert.data.perturbqa import build_split
+from synthpert.data.perturbqa import build_split, gene_sample, load_split
 from synthpert.errors import SynthPertError
 
 
@@ -22,6 +22,23 @@ def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
     if picked.empty:
         raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
     return with_context(picked, pairs, data_cfg)
+
+
+def eval_tuples(data_cfg: DataConfig, eval_cfg: EvaluateConfig) -> pd.DataFrame:
+    """Validation and test tuples of the configured split (at most `evaluate.limit` of each per cell
+    line, whole read-out genes), with context and their `split`: the champion is chosen on the
+    validation rows, the test rows are only reported."""
+    pairs = load_split(data_cfg)
+    parts = []
+    for part in ("validation", "test"):
+        rows = pairs[pairs["split"] == part]
+        if eval_cfg.limit is not None:
+            rows = pd.concat([gene_sample(group, eval_cfg.limit, eval_cfg.seed)
+                              for _, group in rows.groupby("cell_line", observed=True)] or [rows])
+        parts.append(rows)
+    if parts[1].empty:
+        raise SynthPertError(f"no test tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
+    return with_context(pd.concat(parts).reset_index(drop=True), pairs, data_cfg)
 
 
 def with_context(pairs: pd.DataFrame, train: pd.DataFrame, data_cfg: DataConfig) -> pd.DataFrame:

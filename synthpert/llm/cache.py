@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def cache_key(**parts: Any) -> str:
@@ -109,12 +109,6 @@ class CallCache:
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
-
-    def records(self) -> Iterator[tuple[str, dict]]:
-        with self._lock:
-            rows = self._db.execute("SELECT key, record FROM calls ORDER BY created").fetchall()
-        for key, record in rows:
-            yield key, json.loads(record)
 
     def output_tokens(self) -> dict[str, tuple[float, int]]:
         """Per model: mean completion tokens and calls held. Summed inside SQLite: a resume at the

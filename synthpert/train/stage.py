@@ -183,13 +183,12 @@ def _oom(cause: Exception) -> bool:
     return isinstance(cause, ray.exceptions.OutOfMemoryError) or "OUT_OF_MEMORY" in str(cause)
 
 
-def _worker_failure(error: Exception) -> tuple[int | None, Exception]:
+def _worker_failure(failures: dict[int | None, Exception]) -> tuple[int | None, Exception]:
     """The failed worker that explains a failed run: one killed by the memory monitor, else one
     that died, else the lowest rank (the others usually fail only because a peer vanished). A
     dead worker reaches Ray Train as a failed health check wrapping the ActorDiedError."""
     import ray.exceptions
 
-    failures = getattr(error, "worker_failures", None) or {None: error}
     failures = {rank: getattr(cause, "health_check_failure", cause) for rank, cause in failures.items()}
 
     def order(item):
@@ -208,7 +207,7 @@ def training_failed(error: Exception, output: Path, storage: str, memory: Memory
     log.write_text("".join([*traceback.format_exception(error), *(
         f"\n--- worker {rank}:\n{''.join(traceback.format_exception(cause))}" for rank, cause in sorted(failures.items())
     )]))
-    rank, cause = _worker_failure(error)
+    rank, cause = _worker_failure(failures or {None: error})
     text = str(cause).strip()
     pid, ip = re.search(r"\bpid[:=] ?(\d+)", text), re.search(r"\bip: (\S+)", text)
     who = f"training worker {rank}" + (f" (pid {pid[1]}{f' on {ip[1]}' if ip else ''})" if pid else "")
