@@ -44,7 +44,9 @@ def engine(embedded_model):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a replica; on a busy shared box more threads only spin
-    yield HFEngine(embedded_model, 2048)
+    # float32: batched and cached decoding equal one-at-a-time only there; in bfloat16 (`auto` on
+    # CPUs with avx512_bf16) batch shapes change the rounding, and now and then a greedy token
+    yield HFEngine(embedded_model, 2048, dtype="float32")
     torch.set_num_threads(threads)
 
 

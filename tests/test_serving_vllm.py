@@ -35,7 +35,7 @@ GUIDED = [
     ([{"role": "user", "content": "Grade the answer from 1 to 5."},
       {"role": "assistant", "content": "Grade:"}], [" 1", " 2", " 3", " 4", " 5"]),
 ]
-TOLERANCE = 0.05  # nats; both engines compute in float32 on the CPU
+TOLERANCE = 0.05  # nats, in float32 on both engines (bfloat16, `auto` on CPUs with avx512_bf16, rounds more)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def _guided(client) -> dict[tuple[str, int], tuple[str, dict[str, float]]]:
 @pytest.fixture(scope="module")
 def reference(adapter):
     """The transformers engine's guided_choice answers and scores (its own log-likelihoods)."""
-    cfg = ServeConfig(engine="transformers", adapters={"ad1": adapter}, max_model_len=1024)
+    cfg = ServeConfig(engine="transformers", dtype="float32", adapters={"ad1": adapter}, max_model_len=1024)
     with _serve(cfg) as client:
         return _guided(client)
 
@@ -84,11 +84,10 @@ def reference(adapter):
 @pytest.fixture(scope="module")
 def client(reference, adapter, unused_adapter):  # after `reference`: one engine at a time
     cfg = ServeConfig(adapters={"ad1": adapter, "ad2": unused_adapter}, max_model_len=1024,  # max_lora_rank: theirs, 8
-                      torch_threads=2,
+                      torch_threads=2, dtype="float32",
                       # a step budget of one context: two ~750-token prompts in a step would straddle it
                       engine_kwargs={"kv_cache_memory_bytes": 256 * 2**20, "max_num_batched_tokens": 1024})
-    # the defaults: vLLM where it is installed, float32 on this CPU (no native bfloat16)
-    assert (cfg.resolved().engine, cfg.resolved().dtype) == ("vllm", "float32")
+    assert cfg.resolved().engine == "vllm"  # the default where it is installed
     with _serve(cfg) as vllm_client:
         yield vllm_client
 
