@@ -243,7 +243,8 @@ def test_too_little_memory_refuses_before_any_worker_starts(long_traces, tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training does not fit in memory: each of 2 workers needs ~")
     assert "(longest row 1024 tokens), but a node has 0.5 GB (train.memory_budget_gb) for 2 workers" in last
-    assert not (out / "ray").exists() and proc.stdout.strip() == ""
+    # no result line (Ray's own warnings, forwarded to stdout, may be there)
+    assert not (out / "ray").exists() and not [line for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.train
