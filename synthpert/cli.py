@@ -18,7 +18,8 @@ import yaml
 from synthpert.config import Config, load_config
 from synthpert.errors import SynthPertError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+# tracebacks go to a log file (main), not to the terminal as rich's 90-line rendering
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect the bundled PerturbQA data.")
@@ -30,10 +31,16 @@ JsonOpt = typer.Option(False, "--json", help="Print one JSON object as the last 
 YesOpt = typer.Option(False, "--yes", "-y", help="Go ahead when the cost estimate is above generate.confirm_above_usd (no question).")
 
 
+_run_dir: Path | None = None  # the last resolved config's run_dir: where an unexpected error's log goes
+
+
 def resolve(config: Optional[Path], overrides: list[str], **flags: Any) -> Config:
     """The config file + --set overrides + explicit CLI flags (flags win; None means 'not given')."""
+    global _run_dir
     extra = [f"{key}={json.dumps(value, default=str)}" for key, value in flags.items() if value is not None]
-    return load_config(config, [*overrides, *extra])
+    cfg = load_config(config, [*overrides, *extra])
+    _run_dir = Path(cfg.run_dir)
+    return cfg
 
 
 def emit_json(obj: Any) -> None:
@@ -340,8 +347,28 @@ def pipeline(
         emit_json(result)
 
 
+def crash_log(exc: BaseException) -> Path:
+    """Write `exc`'s traceback to `<run_dir>/logs/` (the system temp folder before a config is read,
+    or when run_dir cannot be written) and return the file."""
+    import tempfile
+    import time
+    import traceback
+
+    name = f"error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    text = "".join(traceback.format_exception(exc))
+    for folder in ([_run_dir / "logs"] if _run_dir else []) + [Path(tempfile.gettempdir()) / "synthpert-logs"]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+            return folder / name
+        except OSError:
+            continue
+    raise exc
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one clear line on stderr and exit code 2.
+    """Entry point: user errors become one clear line on stderr and exit code 2; anything else one
+    line naming the log that holds its traceback, and exit code 1.
 
     `argv` (default: sys.argv[1:]) lets ray_jobs/ entry points reuse this exact parser.
     """
@@ -350,3 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     except SynthPertError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:  # noqa: BLE001 - an unexpected failure: one line here, the traceback in the log
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: {type(exc).__name__}: {first} (traceback in {crash_log(exc)})", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -106,8 +106,9 @@ TEMPLATES: dict[str, dict[str, str]] = {
 }
 
 # Bump when the knowledge context's text changes (synthpert.data.knowledge): it is part of every
-# prompt, so traces written with the old text must not be reused.
-CONTEXT_VERSION = "2"
+# prompt, so traces written with the old text must not be reused. 3: a training tuple's neighbours
+# come from the whole training part, as an evaluation tuple's do (not from the traces' sample).
+CONTEXT_VERSION = "3"
 
 
 def read_rubric(path: str | Path) -> dict[str, str]:

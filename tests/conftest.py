@@ -19,6 +19,22 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Every test session starts as a new machine does: empty model caches (the embedded model is
+    converted by the first test that needs it), in this process and every one it starts.
+    SYNTHPERT_TEST_WARM_CACHE=1 keeps the caches the environment names (faster local iterations)."""
+    if os.environ.get("SYNTHPERT_TEST_WARM_CACHE") != "1":
+        config._synthpert_caches = Path(tempfile.mkdtemp(prefix="synthpert-test-caches-"))
+        os.environ["SYNTHPERT_CACHE"] = str(config._synthpert_caches / "synthpert")
+        os.environ["HF_HOME"] = str(config._synthpert_caches / "hf")
+
+
+def pytest_unconfigure(config):
+    """The session's caches go with it (the converted model alone is ~540 MB)."""
+    if getattr(config, "_synthpert_caches", None):
+        shutil.rmtree(config._synthpert_caches, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def embedded_model():
     """The real bundled SmolLM2-135M-Instruct as a plain HF folder (converted once, then cached)."""

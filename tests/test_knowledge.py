@@ -126,3 +126,19 @@ def test_locations_and_propagated_go_sets(knowledge):
     assert propagated.sum() > direct.sum() > 0  # ancestors added
     ic = knowledge.information_content
     assert ic.shape == (propagated.shape[1],) and (ic >= 0).all() and ic[propagated.indices].min() < ic[propagated.indices].max()
+
+
+def test_training_and_evaluation_prompts_take_neighbours_from_one_pool():
+    """The same (P, G) gets the same context as a training tuple (the traces' sample) and as an
+    evaluation tuple (eval_tuples' pool: the line's whole training part minus validation). Built
+    from the sample, a smoke-sized run's training prompts said "none in the training data"."""
+    from synthpert.config import load_config
+    from synthpert.data import load_split, sample_tuples, with_context
+    from tests.conftest import REPO
+
+    data = load_config(REPO / "configs" / "local.yaml").data
+    sample = sample_tuples(data)
+    as_evaluated = with_context(sample.assign(split="test"), load_split(data), data)
+    assert list(sample["context"]) == list(as_evaluated["context"])
+    listed = sample["context"].str.contains("Knockdowns most GO-similar to")
+    assert listed.mean() > 0.5 and not sample["context"].str.contains("under other knockdowns: none").all(), sample["context"].tolist()

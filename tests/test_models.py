@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from synthpert.errors import SynthPertError
-from synthpert.models import embedded_gguf, resolve_model
+from synthpert.models import EMBEDDED_CONFIG, embedded_gguf, resolve_model
 
 
 @pytest.mark.slow
@@ -10,6 +12,9 @@ def test_embedded_model_is_a_plain_hf_folder(embedded_model):
     assert resolve_model(None) == embedded_model == resolve_model("embedded")
     assert (embedded_model / "model.safetensors").is_file()
     assert (embedded_model / "chat_template.jinja").is_file() or "chat_template" in (embedded_model / "tokenizer_config.json").read_text()
+    # what the pre-flight sizes a run by before the model is converted: the converted model's own config
+    converted = json.loads((embedded_model / "config.json").read_text())
+    assert json.loads(EMBEDDED_CONFIG.read_text()) == {k: v for k, v in converted.items() if k != "transformers_version"}
 
 
 @pytest.mark.unit

@@ -92,9 +92,13 @@ def test_wrong_key_is_a_401_before_any_call(tmp_path):
 
 
 @pytest.mark.unit
-def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
+def test_local_check_passes_quickly_and_creates_nothing(tmp_path, tmp_path_factory):
+    """On a new machine too: the embedded model not yet converted into an empty cache (the
+    pre-flight once read its config.json from there, and failed before any stage had made it)."""
+    caches = tmp_path_factory.mktemp("caches")
     started = time.monotonic()
-    proc = run_cli("pipeline", "--config", str(LOCAL), "--check", "--json", cwd=tmp_path, env=_env(), timeout=60)
+    proc = run_cli("pipeline", "--config", str(LOCAL), "--check", "--json", cwd=tmp_path, timeout=60,
+                   env=_env(SYNTHPERT_CACHE=str(caches / "synthpert"), HF_HOME=str(caches / "hf")))
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - started < 20  # seconds; "quickly" with room for a loaded box (the paper config's bound is 10 s)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -102,7 +106,7 @@ def test_local_check_passes_quickly_and_creates_nothing(tmp_path):
     assert {c["subject"] for c in report["checks"]} == {"run_dir", "serve.model", "train.base_model", "disk"}
     assert all(c["ok"] for c in report["checks"])
     assert f"ok run_dir: {tmp_path}/runs/local will be created in {tmp_path}" in proc.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and list(caches.iterdir()) == []
 
 
 @pytest.mark.unit
@@ -260,13 +264,16 @@ def test_yes_flag_goes_past_the_question(command, monkeypatch, tmp_path):
 def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_path, monkeypatch):
     import shutil
 
-    from synthpert.models import resolve_model
+    from synthpert.models import model_config, resolve_model
     from synthpert.train.memory import model_shape
 
     cfg = load_config(LOCAL, [f"run_dir={tmp_path / 'runs'}", "train.checkpoints_to_keep=3"])
     trainable = 8 * 30 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # SmolLM2-135M, r 8, 7 modules, 30 layers
     assert model_shape(resolve_model(None), cfg.train).trainable == trainable  # the exact count, on a meta-device model
     assert preflight.lora_params(json.loads((resolve_model(None) / "config.json").read_text()), 8, cfg.train.target_modules) == trainable
+    monkeypatch.setenv("SYNTHPERT_CACHE", str(tmp_path / "empty"))  # a new machine: the shipped copy of its config
+    assert preflight.lora_params(model_config(None), 8, cfg.train.target_modules) == trainable
+    monkeypatch.undo()
     checkpoints = 2 * trainable * preflight.CHECKPOINT_BYTES_PER_PARAM * (3 + 2)  # cot + raw, 3 kept + one being written
     traces = 12 * (128 + 32) * 4 * preflight.TRACE_FILES  # local: 12 tuples, teacher 128 + judge 32 output tokens
     [roomy] = preflight.run(cfg).checks[-1:]

@@ -254,15 +254,15 @@ def gene_sample(pairs: pd.DataFrame, limit: int, seed: int = 0) -> pd.DataFrame:
     return pairs.iloc[np.sort(np.concatenate(chosen))]
 
 
-def build_split(data_cfg: DataConfig) -> pd.DataFrame:
-    """Load and split as the DataConfig says; fraction/limit subsample the train and validation
-    rows only.
+def build_split(data_cfg: DataConfig, pairs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Load and split as the DataConfig says (or take `pairs`, load_split's result); fraction/limit
+    subsample the train and validation rows only.
 
     That sample is what the teacher sees (kept traces of validation perturbations give training
     its validation loss); the test rows stay whole (evaluation samples them itself, see
     evaluate.limit), so a smoke-sized run is still scored on the real test set.
     """
-    pairs = load_split(data_cfg)
+    pairs = load_split(data_cfg) if pairs is None else pairs
     is_train = pairs["split"].isin(["train", "validation"]).to_numpy()
     train = subsample(pairs[is_train], data_cfg.fraction, data_cfg.limit, data_cfg.seed, data_cfg.stratify)
     out = pd.concat([train, pairs[~is_train]]).sort_index(kind="stable").reset_index(drop=True)

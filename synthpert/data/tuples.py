@@ -14,14 +14,16 @@ from synthpert.errors import SynthPertError
 def sample_tuples(data_cfg: DataConfig) -> pd.DataFrame:
     """The seeded sample of training and validation tuples (fraction/limit), with prompt context.
 
-    The context's labelled neighbours come from the training rows only, with the tuple's own
-    perturbation left out, exactly as for a test tuple (synthpert.data.knowledge).
+    The context's labelled neighbours come from the same pool as an evaluation tuple's: the whole
+    training part of the split (never the sample, which would show a fraction of them), with the
+    tuple's own perturbation left out (synthpert.data.knowledge).
     """
-    pairs = build_split(data_cfg)
+    pool = load_split(data_cfg)
+    pairs = build_split(data_cfg, pool)
     picked = pairs[pairs["split"].isin(["train", "validation"])].reset_index(drop=True)
     if picked.empty:
         raise SynthPertError(f"no training tuples for cell lines {data_cfg.cell_lines} with split {data_cfg.split!r}")
-    return with_context(picked, pairs, data_cfg)
+    return with_context(picked, pool, data_cfg)
 
 
 def eval_tuples(data_cfg: DataConfig, eval_cfg: EvaluateConfig) -> pd.DataFrame:
