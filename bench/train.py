@@ -75,7 +75,7 @@ def plain_loop(cfg, data: Path, steps: int, threads: int, gpu: bool) -> dict:
     from transformers import AutoTokenizer
 
     from synthpert.models import resolve_model
-    from synthpert.train.collate import collate, tokenize_frame
+    from synthpert.train.collate import collate, pad_token_id, tokenize_frame
     from synthpert.train.model import load_lora_model
     from synthpert.train.trainer import lr_schedule
 
@@ -96,7 +96,7 @@ def plain_loop(cfg, data: Path, steps: int, threads: int, gpu: bool) -> dict:
             if step == steps:
                 break
             began, cpu_began = time.perf_counter(), time.process_time()
-            batch = collate(rows.iloc[start : start + tc.batch_size].to_dict("list"), tokenizer.pad_token_id)
+            batch = collate(rows.iloc[start : start + tc.batch_size].to_dict("list"), pad_token_id(tokenizer))
             tokens += int(batch.pop("num_tokens"))
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
             loss.backward()

@@ -195,10 +195,13 @@ def tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
 
 @contextlib.contextmanager
 def _route_logging(handler: logging.Handler) -> Iterator[None]:
-    """The libraries' loggers write to `handler` only (their own stream handlers are put back after)."""
+    """The libraries' loggers write to `handler` only (their own stream handlers are put back after),
+    with the children that keep handlers of their own (ray.serve does not propagate)."""
     saved = {}
     logging.captureWarnings(True)
-    for name in LIBRARY_LOGGERS:
+    children = [name for name, logger in logging.root.manager.loggerDict.items()
+                if isinstance(logger, logging.Logger) and logger.handlers and name.split(".")[0] in LIBRARY_LOGGERS]
+    for name in dict.fromkeys([*LIBRARY_LOGGERS, *children]):
         logger = logging.getLogger(name)
         saved[name] = (logger.handlers[:], logger.propagate)
         logger.handlers[:] = [handler]

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
-from synthpert.config import Config, EndpointConfig
+from synthpert.config import Config, EndpointConfig, TrainConfig
 from synthpert.errors import SynthPertError
 from synthpert.models import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_cached, embedded_gguf, model_name
 
@@ -71,9 +70,13 @@ def run(cfg: Config) -> Report:
     checks = [writable("run_dir", cfg.run_dir)]
     checks += [endpoint(subject, e, probe) for subject, e in remote.items() if e.base_url is not None]
     cluster = cluster_resources() if training or ours else ({}, "")
-    checks += [model_path("serve.model", cfg.serve.model), *serve_resources(cfg, cluster)] if ours else []
+    tokenizer = functools.cache(_tokenizer)  # the served model is usually the base model
+    if ours:
+        served = model_path("serve.model", cfg.serve.model)
+        checks += [served, *(scoring_template(cfg.serve.model, tokenizer) if served.ok else []), *serve_resources(cfg, cluster)]
     if training:
-        checks += [model_path("train.base_model", cfg.train.base_model), *train_resources(cfg, cluster)]
+        base = model_path("train.base_model", cfg.train.base_model)
+        checks += [base, *(training_template(cfg.train, tokenizer) if base.ok else []), *train_resources(cfg, cluster)]
         if cfg.train.storage_path and "://" not in cfg.train.storage_path:
             checks.append(writable("train.storage_path", Path(cfg.train.storage_path)))
     if training and ours and model_name(cfg.train.base_model) != model_name(cfg.serve.model):  # as the endpoint compares an adapter's
@@ -194,6 +197,71 @@ def model_path(subject: str, value: str | None) -> Check:
     return Check(subject, True, f"{path} ({config.model_type})")
 
 
+# a training row and an answer rendered through the models' chat templates
+SAMPLE = {"cell_line": "k562", "pert": "GENE1", "gene": "GENE2", "label": "downregulated"}
+SAMPLE_REASONING = "GENE1 activates GENE2, so knocking GENE1 down lowers GENE2."
+
+
+def _tokenizer(value: str | None):
+    """A model's tokenizer (no weights); None for the embedded model not converted yet: reading its
+    GGUF file takes tens of seconds, and its plain template is tested (tests/test_chat_templates.py)."""
+    folder = embedded_cached() if value in EMBEDDED_ALIASES else Path(value).expanduser()
+    if value in EMBEDDED_ALIASES and not (folder / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _template_check(subject: str, value: str | None, tokenizer: Callable, render: Callable) -> list[Check]:
+    """`render(tokenizer)` -> detail, as one check on `value`'s chat template: SynthPertError from
+    synthpert.chat means the reasoning would be lost; any other error, that it does not render."""
+    name = f"chat template of {f'the embedded {EMBEDDED_NAME}' if value in EMBEDDED_ALIASES else Path(value).expanduser()}"
+    try:
+        loaded = tokenizer(value)
+        return [] if loaded is None else [Check(subject, True, f"{name} {render(loaded)}")]
+    except SynthPertError as exc:
+        return [Check(subject, False, f"{name} would lose the reasoning: {exc}")]
+    except Exception as exc:  # a tokenizer or template that does not load or render is the user's to fix
+        return [Check(subject, False, f"{name} does not load or render: {(str(exc) or type(exc).__name__).splitlines()[0]}")]
+
+
+def training_template(t: TrainConfig, tokenizer: Callable) -> list[Check]:
+    """One training row rendered as training renders it (synthpert.chat): by the template where it
+    keeps the trace as written, else by the trainer itself; failing only when neither can."""
+    from synthpert.chat import TEMPLATE, assistant_spans
+    from synthpert.prompts import format_answer, student_messages
+    from synthpert.train.collate import build_messages
+
+    trace = f"<think>{SAMPLE_REASONING}</think>{format_answer(SAMPLE['label'])}"
+    row = {**SAMPLE, "messages": [*student_messages(SAMPLE), {"role": "assistant", "content": trace}]}
+
+    def render(loaded) -> str:
+        if assistant_spans(loaded, build_messages(row, t.mode))[2] == TEMPLATE:
+            return "keeps the assistant's turn as written"
+        return "drops or rewrites the assistant's turn: training renders it itself (generation prompt, the trace as written, end of turn)"
+
+    return _template_check("train.base_model", t.base_model, tokenizer, render)
+
+
+def scoring_template(value: str | None, tokenizer: Callable) -> list[Check]:
+    """One student prompt rendered for generation, and one answer continued up to `<answer>` as
+    prediction scores the labels (synthpert.chat.continued_prompt), through the served model's template."""
+    from synthpert.chat import continued_prompt
+    from synthpert.prompts import ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, student_messages
+
+    messages = student_messages(SAMPLE)
+
+    def render(loaded) -> str:
+        opens = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True).rstrip().endswith(THINK_OPEN)
+        answer = ("" if opens else THINK_OPEN) + SAMPLE_REASONING + THINK_CLOSE + ANSWER_OPEN  # predict.answer_prefix's
+        continued_prompt(loaded, [*messages, {"role": "assistant", "content": answer}])
+        head = "opens <think> in its generation prompt: answers start inside it, and their" if opens else "renders the prompt, and answers'"
+        return f"{head} labels are scored after their reasoning"
+
+    return _template_check("serve.model", value, tokenizer, render)
+
+
 def train_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:
     """The training workers' GPUs and CPUs (see `_resources`)."""
     t = cfg.train
@@ -264,10 +332,9 @@ def disk_space(cfg: Config, todo: list[str], tuples: int | None) -> list[Check]:
     needs: dict[Path, dict[str, float]] = {}
     runs = sum(stage.startswith("train-") for stage in todo)
     if runs:
-        from synthpert.models import EMBEDDED_ALIASES, embedded_cached
+        from synthpert.models import model_config
 
-        model_dir = embedded_cached() if t.base_model in EMBEDDED_ALIASES else Path(t.base_model).expanduser()
-        trainable = lora_params(json.loads((model_dir / "config.json").read_text()), t.lora_r, t.target_modules)
+        trainable = lora_params(model_config(t.base_model), t.lora_r, t.target_modules)
         where = Path(t.storage_path) if t.storage_path and "://" not in t.storage_path else cfg.run_dir
         needs.setdefault(where, {})["checkpoints"] = runs * trainable * CHECKPOINT_BYTES_PER_PARAM * (t.checkpoints_to_keep + 2)
     if "traces" in todo and tuples:

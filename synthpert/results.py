@@ -79,11 +79,13 @@ class TrainResult(StageResult):
     peak_memory_mb_per_worker: Optional[list[Optional[float]]] = None
     worker_nodes: Optional[list[str]] = None  # each rank's Ray node id, by rank (after a restart: the last attempt's)
     memory: dict[str, Any] = {}
+    chat_rendering: Optional[str] = None  # by the base model's chat template, or as written where it drops reasoning (synthpert.chat)
     lora_b_nonzero: Optional[int] = None
     train_rows: Optional[int] = None
     validation_rows: Optional[int] = None
     train_examples: Optional[int] = None
     validation_examples: Optional[int] = None
+    own_rendered_examples: Optional[int] = None
     source_rows: Optional[int] = None
     longest_row: Optional[int] = None
     mlflow_run_id: Optional[str] = None
@@ -97,6 +99,17 @@ class PredictResult(StageResult):
     errored: int
     model: str
     sha256: str  # predictions.parquet's digest: what the evaluate key hashes
+
+
+class Answers(BaseModel):
+    """How much of what a model was asked it answered: every comparison is on pairs all ranked models
+    answered, so a model's coverage is shown beside its scores."""
+
+    asked: int
+    answered: int
+    errors: int  # the call failed: the pair has no prediction
+    direction_errors: int = 0  # the separate direction question failed: its derived direction is scored
+    coverage: float  # answered / asked
 
 
 class Metrics(BaseModel):
@@ -113,11 +126,14 @@ class Metrics(BaseModel):
     n: Optional[int] = None
     ci: dict[str, Optional[list[Optional[float]]]] = {}
     per_cell_line: dict[str, Metrics] = {}
+    answers: Optional[Answers] = None
+    ranked: Optional[bool] = None  # False: under evaluate.min_coverage (shown, not ranked); None per cell line
 
 
 class EvaluateResult(StageResult):
     models: dict[str, Metrics]  # test: reported only
     validation: dict[str, Metrics]  # what the champion is chosen on
+    left_out: dict[str, int] = {}  # by part: asked pairs not every ranked model answered, scored for none
 
 
 class RegisterResult(StageResult):
@@ -131,6 +147,7 @@ class RegisterResult(StageResult):
     previous_score: Optional[float] = None
     promoted: bool = False
     uri: Optional[str] = None
+    refused: Optional[str] = None  # why the version may not take the alias (under evaluate.min_coverage)
 
 
 class ReportResult(StageResult):

@@ -326,6 +326,7 @@ def test_zero2_worker_killed_then_resumed_continues_and_registers(traces, tmp_pa
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     run = mlflow.get_run(summary["mlflow_run_id"])
     assert run.data.params["train.lora_r"] == "8" and run.data.tags["synthpert.traces_run_id"] == "traces-run-1"
+    assert run.data.params["chat_rendering"] == summary["chat_rendering"] == "template"  # SmolLM2's keeps the traces as written
     assert {"loss", "lr", "tokens_per_s", "val_loss", "final_loss"} <= set(run.data.metrics)
     assert "deepspeed_config.json" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     version = mlflow.MlflowClient().get_model_version_by_alias("synthpert-student", "cot")

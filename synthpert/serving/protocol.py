@@ -27,6 +27,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from synthpert.chat import continued_prompt
+from synthpert.errors import SynthPertError
+
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 # OpenAI features this endpoint does not serve: a 400 that names them, not a silent plain answer
@@ -234,12 +237,15 @@ class ChatRequest(BaseModel):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def prompt_text(self, tokenizer: Any) -> str:
-        """The chat template applied as vLLM does (a trailing assistant message may be continued)."""
-        add = self.add_generation_prompt
-        if add is None:
-            add = not self.continue_final_message
-        return tokenizer.apply_chat_template(self.chat_messages(), tokenize=False, add_generation_prompt=add,
-                                             continue_final_message=self.continue_final_message)
+        """The chat template applied as vLLM does; a trailing assistant message continued as written
+        (synthpert.chat: a reasoning model's template would drop the reasoning before the answer)."""
+        if self.continue_final_message:
+            try:
+                return continued_prompt(tokenizer, self.chat_messages())
+            except SynthPertError as exc:
+                raise APIError(400, f"continue_final_message: {exc}", param="messages") from None
+        add = True if self.add_generation_prompt is None else self.add_generation_prompt
+        return tokenizer.apply_chat_template(self.chat_messages(), tokenize=False, add_generation_prompt=add)
 
     def grammar(self) -> tuple[str, str] | None:
         """The output constraint as (kind, source): kind is json (a schema), json_object, regex,

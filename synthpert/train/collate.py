@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from synthpert.chat import OWN, assistant_spans
 from synthpert.errors import SynthPertError
 
 IGNORE = -100  # label value that transformers' loss skips
@@ -47,32 +48,13 @@ def check_messages(messages: Any, where: str) -> None:
         raise SynthPertError(f"{where}: message contents must be strings")
 
 
-def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans of its assistant turns (end-of-turn token included).
-
-    A turn's span starts after the prompt the template renders for generation and ends where the
-    chat up to that turn ends; a template that does not render prefixes consistently is an error.
-    """
-    text = _render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
-        if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise SynthPertError("the tokenizer's chat template does not render conversation prefixes consistently")
-        spans.append((len(prompt), len(upto)))
-    return text, spans
-
-
 def tokenize_chat(tokenizer, messages, max_seq_len: int, loss_on: str = "assistant") -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) truncated to max_seq_len, or None when no assistant token survives."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans, _ = assistant_spans(tokenizer, messages)
+    return _tokenize(tokenizer, text, spans, max_seq_len, loss_on)
+
+
+def _tokenize(tokenizer, text: str, spans: list[tuple[int, int]], max_seq_len: int, loss_on: str) -> tuple[list[int], list[int]] | None:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"][:max_seq_len]
     starts = np.array([start for start, _ in encoded["offset_mapping"][:max_seq_len]])
@@ -103,25 +85,35 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int) -> list[list
 
 def tokenize_frame(frame: pd.DataFrame, tokenizer, mode: str, max_seq_len: int, loss_on: str, packing: bool) -> pd.DataFrame:
     """Rows of a traces table -> training rows: input_ids, labels, segments (lengths), examples,
-    length (tokens in the row).
+    own_rendered (of those, how many the chat template could not render: synthpert.chat), length
+    (tokens in the row).
 
     Examples with no assistant token left after truncation are dropped; `examples` counts the
     examples in each row so the caller can tell how many were kept.
     """
-    examples = []
+    examples, own = [], []
     for row in frame.to_dict("records"):
-        tokens = tokenize_chat(tokenizer, build_messages(row, mode), max_seq_len, loss_on)
+        text, spans, rendering = assistant_spans(tokenizer, build_messages(row, mode))
+        tokens = _tokenize(tokenizer, text, spans, max_seq_len, loss_on)
         if tokens is not None:
             examples.append(tokens)
+            own.append(rendering == OWN)
     groups = pack(examples, max_seq_len) if packing else [[i] for i in range(len(examples))]
-    out = {"input_ids": [], "labels": [], "segments": [], "examples": [], "length": []}
+    out = {"input_ids": [], "labels": [], "segments": [], "examples": [], "own_rendered": [], "length": []}
     for group in groups:
         out["input_ids"].append([t for i in group for t in examples[i][0]])
         out["labels"].append([t for i in group for t in examples[i][1]])
         out["segments"].append([len(examples[i][0]) for i in group])
         out["examples"].append(len(group))
+        out["own_rendered"].append(sum(own[i] for i in group))
         out["length"].append(len(out["input_ids"][-1]))
     return pd.DataFrame(out)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding is filled with: the pad token, else eos as the serving engine does (Llama-3
+    tokenizers have no pad token), else 0; any id serves, padding is never attended to or learnt."""
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
 def collate(batch: Mapping[str, Iterable], pad_id: int) -> dict[str, Any]:

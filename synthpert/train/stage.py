@@ -23,6 +23,7 @@ import pandas as pd
 
 from synthpert import console, tracking
 from synthpert.artifacts import read_manifest, write_manifest
+from synthpert.chat import OWN, TEMPLATE
 from synthpert.cluster import ray_session
 from synthpert.config import LABELS, Config, TrainConfig
 from synthpert.data.perturbqa import is_validation
@@ -30,7 +31,7 @@ from synthpert.errors import SynthPertError
 from synthpert.hardware import pick_dtype
 from synthpert.models import resolve_model
 from synthpert.serving.adapters import log_adapter_model
-from synthpert.train.collate import check_messages, tokenize_frame
+from synthpert.train.collate import check_messages, pad_token_id, tokenize_frame
 from synthpert.train.memory import GB, MemoryPlan, allocator_env, model_shape, plan_memory, worker_budget
 from synthpert.train.model import check_target_modules
 from synthpert.train.trainer import PROBE_FILE, STATE_FILE, train_loop_per_worker
@@ -114,6 +115,7 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tupl
     counts = {"train_rows": train.count(), "validation_rows": validation.count()}
     counts["train_examples"] = int(train.sum("examples") or 0) if counts["train_rows"] else 0
     counts["validation_examples"] = int(validation.sum("examples") or 0) if counts["validation_rows"] else 0
+    counts["own_rendered_examples"] = int(tokenized.sum("own_rendered") or 0)
     counts["source_rows"] = source.count()
     counts["longest_row"] = int(tokenized.max("length") or 0)  # tokens: what the memory plan sizes for
     if counts["train_rows"] == 0:
@@ -122,6 +124,13 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tupl
             f"to truncation (max_seq_len={tc.max_seq_len}, data.validation_fraction={validation[0]})"
         )
     return train, validation, counts
+
+
+def chat_rendering(counts: dict[str, int]) -> str:
+    """How the training chats were rendered (synthpert.chat): by the base model's chat template,
+    or as written where the template drops or rewrites the assistant's turn (R1, Qwen3)."""
+    own, total = counts["own_rendered_examples"], counts["train_examples"] + counts["validation_examples"]
+    return TEMPLATE if own == 0 else OWN if own == total else f"{OWN} for {own} of {total} examples"
 
 
 def make_plan(tc: TrainConfig, counts: dict[str, int]) -> dict[str, Any]:
@@ -245,7 +254,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
     traces_manifest = read_manifest(data_dir) or {}
     traces_run_id = traces_manifest.get("mlflow_run_id")
     probe_ids = _tokenizer(str(model_dir))(PROBE_TEXT)["input_ids"]
-    pad_id = _tokenizer(str(model_dir)).pad_token_id
+    pad_id = pad_token_id(_tokenizer(str(model_dir)))
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
 
     with ray_session(tc.num_workers * tc.cpus_per_worker):
@@ -254,13 +263,17 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
         memory = plan_memory(shape, tc, counts["longest_row"], budget, full_logits=_full_logits)
         if memory.note:
             console.note(memory.note)
+        rendering = chat_rendering(counts)
+        if rendering != TEMPLATE:
+            console.note(f"train: {rendering} of the chats: the chat template of {model_dir} drops or rewrites the "
+                         "assistant's turn, so the traces are trained on as written (synthpert.chat)")
         tc = memory.apply(tc)
         steps = make_plan(tc, counts)
         dtype = pick_dtype(tc.dtype, tc.use_gpu)[0]
         plan = {**steps, "base_model": str(model_dir), "probe_ids": probe_ids, "pad_id": pad_id,
                 "shape": asdict(shape), "full_logits": _full_logits, "dtype": dtype}
         tags = {"synthpert.traces_run_id": traces_run_id} if traces_run_id else {}
-        params = {"plan": {**counts, **steps, "dtype": dtype, "memory": memory.summary()}}
+        params = {"plan": {**counts, **steps, "dtype": dtype, "memory": memory.summary()}, "chat_rendering": rendering}
         with tracking.stage_run(cfg, "train", sections=("train",), params=params, tags=tags) as run_id:
             if run_id:
                 plan["mlflow"] = {"tracking_uri": tracking.portable_uri(cfg.tracking.tracking_uri), "run_id": run_id}
@@ -301,6 +314,7 @@ def train(cfg: Config, data_dir: str | Path, output_dir: str | Path | None = Non
                 "peak_memory_mb_per_worker": state.get("peak_memory_mb_per_worker"),
                 "worker_nodes": state.get("worker_nodes"),
                 "memory": memory.summary(),
+                "chat_rendering": rendering,
                 "adapter_path": str(adapter),
                 "lora_b_nonzero": lora_b_nonzero,
                 "mlflow_run_id": run_id,
