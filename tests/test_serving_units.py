@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from synthpert.config import LABELS
 from synthpert.errors import SynthPertError
 from synthpert.serving.adapters import check_adapter_names, max_lora_rank, parse_adapter_specs, resolve_adapter
 from synthpert.serving.protocol import APIError, ChatRequest, Sampling, check_supported
@@ -53,6 +54,24 @@ def engine(embedded_model):
 def _ids(engine, question):
     req = ChatRequest(model="base", messages=[{"role": "user", "content": question}])
     return engine.tokenizer(req.prompt_text(engine.tokenizer), add_special_tokens=False).input_ids
+
+
+def _answer_prompt(tokenizer, ending):
+    """A label-scoring prompt as predict sends it (the assistant turn continued after `<answer>`),
+    plus `ending`."""
+    req = ChatRequest(model="base", messages=[{"role": "user", "content": "Is gene B up, down or unchanged?"},
+                                              {"role": "assistant", "content": "<think>Hard to say.</think><answer>" + ending}],
+                      continue_final_message=True)
+    return req.prompt_text(tokenizer)
+
+
+def _alone(engine, ctx, cont):
+    """log p(cont | ctx) from one plain forward pass over ctx + cont."""
+    import torch
+
+    with torch.inference_mode():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ctx + cont])).logits.float(), -1)[0]
+    return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
 
 
 def _decode(engine, jobs, late=(), finishes=None):
@@ -123,6 +142,41 @@ def test_loglikelihood_ranks_the_obvious_answer(engine):
     assert paris > banana
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("ending", ["s", " "])
+def test_every_label_is_scored_after_the_same_context(embedded_model, ending):
+    """One context for every label. After "<answer>s" the tokenizer merges "s" into "sup" +
+    "regulated", which scored "upregulated" after one prompt token fewer than the other labels;
+    a trailing space moves into every label (" up", as lm-evaluation-harness splits)."""
+    from transformers import AutoTokenizer
+
+    from synthpert.serving.hf_engine import continuation_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    text = _answer_prompt(tokenizer, ending)
+    ids = encode(text)
+    assert any(encode(text + label)[: len(ids)] != ids for label in LABELS)  # a label merges with the prompt
+    pairs = continuation_pairs(tokenizer, text, ids, list(LABELS))
+    for (ctx, cont), label in zip(pairs, LABELS):
+        assert ctx == encode(text.rstrip())
+        assert tokenizer.decode(ctx + cont) == text + label
+
+
+@pytest.mark.slow
+def test_engine_scores_every_label_after_the_prompts_own_tokens(engine):
+    """A label whose first characters merge with the prompt's last ("<answer>s" + "upregulated")
+    is still scored as log p(label | the prompt's tokens), like the others."""
+    from synthpert.serving.hf_engine import continuation_pairs
+
+    text = _answer_prompt(engine.tokenizer, "s")
+    ids = engine.tokenizer(text, add_special_tokens=False).input_ids
+    pairs = continuation_pairs(engine.tokenizer, text, ids, list(LABELS))
+    assert [ctx for ctx, _ in pairs] == [ids] * len(LABELS)
+    assert [engine.tokenizer.decode(cont) for _, cont in pairs] == list(LABELS)
+    assert engine.loglikelihoods(pairs, None) == pytest.approx([_alone(engine, ids, cont) for _, cont in pairs], abs=1e-3)
+
+
 @pytest.mark.slow
 def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_model):
     import mlflow
@@ -150,19 +204,11 @@ def test_registry_uri_resolves_to_the_adapter(tmp_path, monkeypatch, embedded_mo
 @pytest.mark.slow
 def test_shared_prefix_loglikelihoods_equal_one_full_pass_per_choice(engine):
     """The prompt runs once for all choices: the scores must equal scoring each (context +
-    continuation) alone, also when one context is a token shorter (a merge across the boundary)."""
-    import torch
-
+    continuation) alone, also when one context is a token shorter (any contexts sharing a prefix)."""
     ids = _ids(engine, "Is the gene upregulated?")
     yes, no = (engine.tokenizer(w, add_special_tokens=False).input_ids for w in (" yes", " not differentially expressed"))
     pairs = [(ids, yes), (ids, no), (ids[:-1], ids[-1:] + no)]
-
-    def alone(ctx, cont):
-        with torch.inference_mode():
-            logp = torch.log_softmax(engine.model(input_ids=torch.tensor([ctx + cont])).logits.float(), -1)[0]
-        return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
-
-    assert engine.loglikelihoods(pairs, None) == pytest.approx([alone(*p) for p in pairs], abs=1e-3)
+    assert engine.loglikelihoods(pairs, None) == pytest.approx([_alone(engine, *p) for p in pairs], abs=1e-3)
 
 
 @pytest.mark.slow

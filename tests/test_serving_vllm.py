@@ -34,6 +34,8 @@ GUIDED = [
       {"role": "assistant", "content": "The answer is "}], ["yes", "no", "maybe"]),  # the trailing space joins " yes"
     ([{"role": "user", "content": "Grade the answer from 1 to 5."},
       {"role": "assistant", "content": "Grade:"}], [" 1", " 2", " 3", " 4", " 5"]),
+    ([{"role": "user", "content": "How is gene B affected?"},  # " over" + "expressed" -> " overex", "pressed"
+      {"role": "assistant", "content": "Gene B is over"}], ["expressed", "looked", "regulated"]),  # two merge, one not
 ]
 TOLERANCE = 0.05  # nats, in float32 on both engines (bfloat16, `auto` on CPUs with avx512_bf16, rounds more)
 
@@ -167,7 +169,7 @@ def test_vllm_structured_outputs_and_penalties_pass_through(client):
 
 def test_vllm_guided_choice_scores_are_the_models_own_loglikelihoods(client, reference):
     """Per choice, vLLM's score is the transformers engine's within TOLERANCE (base and adapter,
-    shared prefixes, a shared first token, a merge across the prompt boundary), and each engine
+    shared prefixes, a shared first token, choices that merge with the prompt's last characters), and each engine
     answers with the argmax of its scores."""
     got = _guided(client)
     table = "\n".join(f"{model} {choice!r}: transformers {reference[model, i][1][choice]:.4f} "

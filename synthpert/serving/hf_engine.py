@@ -472,15 +472,22 @@ class Decoding:
 
 def continuation_pairs(tokenizer: Any, prompt_text: str, prompt_ids: list[int],
                        choices: list[str]) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) token ids per choice, tokenizing prompt+choice together so the
-    split matches how the model would see the answer (a merge across the boundary moves into
-    the continuation)."""
+    """(context, continuation) token ids per choice, every choice after the SAME context: the
+    choices compete as continuations of one string. Split as lm-evaluation-harness's `_encode_pair`:
+    the prompt's trailing whitespace moves into every continuation (a BPE word carries its leading
+    space: " up", never " " + "up"), and a continuation is what context + choice adds after the
+    context's tokens. Where a choice's first characters merge with the context's last ones
+    ("...s" + "upregulated" -> "sup", "regulated"), that choice is tokenized on its own instead."""
+    context_text = prompt_text.rstrip()
+    space = prompt_text[len(context_text):]
+    context = tokenizer(context_text, add_special_tokens=False).input_ids if space else prompt_ids
     pairs = []
     for choice in choices:
-        full = tokenizer(prompt_text + choice, add_special_tokens=False).input_ids
-        shared = next((i for i, (a, b) in enumerate(zip(full, prompt_ids)) if a != b), min(len(full), len(prompt_ids)))
-        shared = min(shared, len(full) - 1)  # a non-empty choice always adds at least one token
-        pairs.append((full[:shared], full[shared:]))
+        whole = tokenizer(prompt_text + choice, add_special_tokens=False).input_ids
+        if whole[: len(context)] == context:
+            pairs.append((context, whole[len(context):]))
+        else:
+            pairs.append((context, tokenizer(space + choice, add_special_tokens=False).input_ids))
     return pairs
 
 
