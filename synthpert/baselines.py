@@ -234,7 +234,7 @@ def _scores(method: str, pool_rows: pd.DataFrame, query: pd.DataFrame, cfg: Eval
     if method == "transfer":
         return *transfer_scores(query, pool_rows), {}
     if method == "ranker":
-        from synthpert.ranker import ranker_scores  # LightGBM loads for the ranker only
+        from synthpert.ranker import ranker_scores  # its learners (scikit-learn, LightGBM) load for the ranker only
 
         return ranker_scores(pool_rows, query, knowledge, cfg)
     profiles = Profiles.of(pool_rows)

@@ -6,9 +6,9 @@ import pytest
 import scipy.sparse as sp
 
 from synthpert.baselines import Profiles, Queries, gene_neighbours, kernel_weights, ratios, run_baseline, side_scores, to_predictions, top_k_weights
-from synthpert.ranker import importance_table
+from synthpert.ranker import compare_learners, importance_table
 from synthpert.config import DataConfig, EvaluateConfig, KnowledgeConfig
-from synthpert.data import Knowledge, apply_split
+from synthpert.data import Knowledge, apply_split, carve_validation
 from synthpert.evaluate import check_predictions, evaluate, load_truth, read_predictions
 from tests.conftest import run_cli
 
@@ -185,6 +185,27 @@ def test_learned_baselines_read_no_test_information(small, knowledge, method):
         assert importance_table(info).startswith("hepg2 de (grouped-CV AUROC ")
     else:
         assert info["hepg2"]["lam_de"] in SMALL.twoside_lams and set(info["hepg2"]["cv_auroc_de"]) == {"0.05,0.0", "0.05,1.0", "0.2,0.0", "0.2,1.0"}
+
+
+@pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
+def test_ranker_learner_is_chosen_on_training_folds_only(small, knowledge):
+    """The learner comparison scores (and so the choice) are the same with the validation and test
+    labels scrambled, and change with the training labels: only training rows are read. (The
+    candidates besides the default: the ranker tests above cover it.)"""
+    learners = ("lightgbm", "logistic")
+
+    def scores(pairs):
+        result = compare_learners(pairs, knowledge, SMALL, ["hepg2"], learners)
+        return {n: {t: r[t] for t in ("de", "dir")} for n, r in result["per_cell_line"]["hepg2"].items()}, result
+
+    pairs = carve_validation(small, 0.2)
+    assert set(pairs["split"]) == {"train", "validation", "test"}
+    a, result = scores(pairs)
+    assert all(len(a[n][t]) == SMALL.cv_folds for n in learners for t in ("de", "dir"))
+    for task in ("de", "dir"):
+        assert result["chosen"][task] == max(learners, key=lambda n: np.mean(a[n][task]))
+    assert scores(_scramble_test_labels(_scramble_test_labels(pairs), "validation"))[0] == a
+    assert scores(_scramble_test_labels(pairs, "train"))[0] != a
 
 
 @pytest.mark.slow  # seconds: a CLI subprocess, a loopback server or a fit over whole lines
