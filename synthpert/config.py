@@ -259,6 +259,10 @@ class EvaluateConfig(Section):
     # question on every pair (PerturbQA's and SynthPert's protocol; one more scored call per pair)
     direction: Literal["derived", "separate"] = "derived"
     require_complete: bool = False  # missing test pairs: error (True) or score the covered ones
+    # a model that answered fewer of the pairs it was asked (answered / asked, per part) is shown with
+    # its coverage but not ranked: it neither shrinks the pairs every model is scored on nor takes the
+    # champion alias
+    min_coverage: float = Field(0.98, ge=0.0, le=1.0)
     output_dir: Path = Path("runs/eval")
     # hard budget in USD for each prediction stage's calls to a remote endpoint (the teacher as a
     # predictor; cached calls are free); None: no budget. Works as generate.max_cost_usd.

@@ -23,6 +23,12 @@ subset); every metric, the trivial baseline included, is on those same rows, and
 says how many of the test pairs of the evaluated cell lines that is. `require_complete` turns
 missing pairs into an error. A prediction for a pair that is not a test pair is always an error.
 
+Like with like: models whose calls failed on different pairs are compared on the pairs every one
+of them answered (`like_with_like`; the pipeline does this for every table it makes), with each
+model's answered / asked and error counts beside its scores; a model under evaluate.min_coverage
+is scored on its answers among those pairs, shown, and not ranked, so it does not shrink the
+others' set.
+
 Confidence intervals: bootstrap over perturbations (a (cell line, perturbation) is the unit,
 resampled within its cell line), seeded; percentile intervals re-centred on the point estimate
 (see `bootstrap_ci` for why), with the shift reported.
@@ -156,6 +162,36 @@ def pair_index(frame: pd.DataFrame) -> pd.Index:
     """One string key per (cell_line, pert, gene): a hash join ~10x faster than a 3-column merge."""
     parts = [frame[c].astype(str).to_numpy(dtype=object) for c in KEYS]
     return pd.Index(parts[0] + "\t" + parts[1] + "\t" + parts[2])
+
+
+def answer_counts(frame: pd.DataFrame) -> dict[str, Any]:
+    """How much of what it was asked (its rows) a model answered: `errors` are failed calls (the
+    pair has no prediction), `direction_errors` failed separate direction questions (the row stands,
+    scored with its derived direction); `coverage` = answered / asked."""
+    errors = int(frame["llm_error"].notna().sum()) if "llm_error" in frame.columns else 0
+    direction = int(frame["direction_error"].notna().sum()) if "direction_error" in frame.columns else 0
+    asked = len(frame)
+    return {"asked": asked, "answered": asked - errors, "errors": errors, "direction_errors": direction,
+            "coverage": round((asked - errors) / asked, 6) if asked else 0.0}
+
+
+def like_with_like(frames: dict[str, pd.DataFrame], asked: pd.Index, min_coverage: float) -> tuple[dict[str, pd.DataFrame], set[str], int]:
+    """Every model's checked predictions on the same pairs: the `asked` pairs (pair_index) that every
+    model answering at least `min_coverage` of its rows (the ranked ones) answered. A model under it
+    keeps its answers among those pairs, unranked, so one failing model cannot silently shrink (or,
+    failing on DE pairs alone, bias) the set the others are scored on.
+
+    Returns the predictions by model, the ranked models and how many asked pairs are left out."""
+    checked = {name: check_predictions(frame, name) for name, frame in frames.items()}
+    ranked = {name for name, frame in frames.items() if answer_counts(frame)["answered"] >= min_coverage * len(frame)}
+    common = asked
+    for name in ranked:
+        common = common[common.isin(pair_index(checked[name]))]
+    if common.empty:
+        raise SynthPertError(f"no pair of the {len(asked)} asked was answered by every model at evaluate.min_coverage={min_coverage} "
+                             f"or above ({sorted(ranked)}): nothing to compare them on")
+    scored = {name: frame[pair_index(frame).isin(common)].reset_index(drop=True) for name, frame in checked.items()}
+    return scored, ranked, len(asked) - len(common)
 
 
 def align(predictions: pd.DataFrame, truth: pd.DataFrame, require_complete: bool = False) -> tuple[pd.DataFrame, dict]:

@@ -133,6 +133,13 @@ def changed(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return names
 
 
+def standings(models: dict[str, Metrics]) -> dict[str, dict[str, Any]]:
+    """Each model's headline scores with its answered / asked and error counts and whether it is
+    ranked: what MLflow, the registry's tags and the CLI show (all on the same pairs)."""
+    return {name: {**m.model_dump(include=set(SCORES)), **(m.answers.model_dump() if m.answers else {}), "ranked": m.ranked}
+            for name, m in models.items()}
+
+
 def official_score(metrics: dict) -> float:
     """One number to rank models by: the mean of the official DE and direction AUROCs."""
     values = [metrics[k] for k in ("auroc_de", "auroc_dir") if metrics.get(k) is not None]
@@ -294,15 +301,18 @@ class Pipeline:
 
     def evaluate(self, predictions: dict[str, PredictResult]) -> EvaluateResult:
         """Every model and baseline on the validation tuples (what choices are made on) and on the
-        test tuples (reported only): `models` holds the test metrics, `validation` the others."""
+        test tuples (reported only): `models` holds the test metrics, `validation` the others. In
+        each part all are scored on the same pairs (evaluate.like_with_like), each with its
+        answered / asked and error counts; `left_out` counts the pairs that leaves out."""
         from synthpert import evaluate
         from synthpert.artifacts import read_table
         from synthpert.data import evaluation_view, load_split
 
         def run(out: Path) -> dict[str, Any]:
+            e = self.cfg.evaluate
             truth = load_split(self.cfg.data)
             frames = {name: read_table(p.dir, "predictions") for name, p in predictions.items()}
-            results: dict[str, dict[str, Metrics]] = {"validation": {}, "models": {}}
+            results: dict[str, Any] = {"validation": {}, "models": {}, "left_out": {}}
             tuples = next(iter(frames.values()))
             baselines = baseline_predictions(self.cfg, truth, tuples[list(evaluate.KEYS)])
             for part, where in (("validation", "validation"), ("test", "models")):
@@ -312,10 +322,17 @@ class Pipeline:
                     continue
                 asked = {name: frame[frame["split"] == part] for name, frame in frames.items()}
                 asked.update({name: frame[evaluate.pair_index(frame).isin(keys)] for name, frame in baselines.items()})
-                for name, frame in asked.items():
-                    e = self.cfg.evaluate
-                    metrics = evaluate.evaluate(evaluate.check_predictions(frame.drop(columns=["split"], errors="ignore"), name), view,
-                                                bootstrap=e.bootstrap, seed=e.seed, require_complete=e.require_complete, progress=self.progress)
+                scored, ranked, results["left_out"][part] = evaluate.like_with_like(asked, keys, e.min_coverage)
+                for name, frame in scored.items():
+                    standing = {"answers": evaluate.answer_counts(asked[name]), "ranked": name in ranked}
+                    if frame.empty:  # answered none of the compared pairs: its coverage is all there is to show
+                        results[where][name] = Metrics(n=0, **standing)
+                        continue
+                    metrics = evaluate.evaluate(frame, view, bootstrap=e.bootstrap, seed=e.seed, require_complete=e.require_complete,
+                                                progress=self.progress)
+                    for cell, scope in metrics["per_cell_line"].items():
+                        scope["answers"] = evaluate.answer_counts(asked[name][asked[name]["cell_line"] == cell])
+                    metrics.update(standing)
                     evaluate.write_report(metrics, out / part / name)
                     results[where][name] = Metrics.model_validate(metrics)
             return results
@@ -325,7 +342,8 @@ class Pipeline:
     def register(self, student: TrainResult, validation: dict[str, float | None], test: dict[str, float | None],
                  evaluation: EvaluateResult) -> RegisterResult:
         """Tag the student's model version with its validation and test scores; alias it champion
-        if it beats the holder on VALIDATION (test scores are reported, never used to choose)."""
+        if it beats the holder on VALIDATION (test scores are reported, never used to choose) and
+        answered evaluate.min_coverage of its pairs in both parts (`unranked`)."""
         name = tracking.registered_name(self.cfg)
 
         def run(out: Path) -> dict[str, Any]:
@@ -334,7 +352,8 @@ class Pipeline:
             tags = {f"synthpert.{part}.{k}": v for part, scores in (("validation", validation), ("test", test))
                     for k, v in scores.items() if isinstance(v, (int, float))}
             return tracking.promote_if_better(name, student.model_version, official_score(validation), CHAMPION,
-                                              tags={**tags, "synthpert.split": self.cfg.data.split})
+                                              tags={**tags, "synthpert.split": self.cfg.data.split},
+                                              refused=unranked(evaluation, STUDENT, self.cfg.evaluate.min_coverage))
 
         return self.stage("register", self.register_inputs(student, evaluation), RegisterResult, run)
 
@@ -345,6 +364,16 @@ class Pipeline:
             return report.write(out, self.cfg, traces=traces, trained=trained, evaluation=evaluation)
 
         return self.stage("report", self.report_inputs(traces, trained, evaluation), ReportResult, run)
+
+
+def unranked(evaluation: EvaluateResult, name: str, min_coverage: float) -> str | None:
+    """Why model `name` is not ranked (it answered under `min_coverage` of a part's pairs, so its
+    scores are on other pairs than the rest's), None when it is."""
+    for part, models in (("validation", evaluation.validation), ("test", evaluation.models)):
+        metrics = models.get(name)
+        if metrics is not None and metrics.ranked is False:
+            return f"{name} answered {metrics.answers.coverage:.1%} of its {part} pairs, under evaluate.min_coverage={min_coverage}"
+    return None
 
 
 def _where(error: ValidationError) -> str:
@@ -495,8 +524,7 @@ def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
         trained = {mode: pipeline.train(traces, mode) for mode in MODES}
         predictions = pipeline.predictions(models_to_evaluate(cfg, trained))
         evaluation = pipeline.evaluate(predictions)
-        pick = lambda models: {name: m.model_dump(include=set(SCORES)) for name, m in models.items()}  # noqa: E731
-        scores, validation = pick(evaluation.models), pick(evaluation.validation)
+        scores, validation = standings(evaluation.models), standings(evaluation.validation)
         registered = pipeline.register(trained["cot"], validation.get(STUDENT, {}), scores[STUDENT], evaluation)
         report = pipeline.report(traces, trained, evaluation)
         tracking.set_tags({
@@ -505,11 +533,13 @@ def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
             "synthpert.model_version": registered.version,
         })
         tracking.log_metrics({f"{part}{name}.{k}": v for part, models in (("", scores), ("validation.", validation))
-                              for name, s in models.items() for k, v in s.items() if v is not None})
+                              for name, s in models.items() for k, v in s.items() if v is not None}
+                             | {f"{'' if part == 'test' else part + '.'}left_out": n for part, n in evaluation.left_out.items()})
         tracking.log_artifact(report.markdown, "report")
         tracking.log_artifact(report.html, "report")
     return {
         # `registered` as promote_if_better answered it ({"registered": false} when nothing was), with its record
         "ran": pipeline.ran, "skipped": pipeline.skipped, "mlflow_parent_run_id": parent_id, "scores": scores, "validation_scores": validation,
+        "left_out": evaluation.left_out,
         "registered": registered.model_dump(mode="json", exclude_unset=True), "report": str(report.markdown), "run_dir": str(pipeline.root),
     }

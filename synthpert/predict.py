@@ -6,13 +6,17 @@ endpoint's `guided_choice` (our Serve endpoint returns each choice's summed log-
 `choice_logprobs`). softmax over those gives `p_up, p_down, p_none`: continuous scores, where
 a parsed answer alone would only give one-hot ones. The hard `answer` is the parsed one, or the
 likeliest label when the model wrote none. With `evaluate.direction = separate`, a DE pair's
-direction is also asked as its own two-choice question (`p_dir_up`), as PerturbQA asks it.
+direction is also asked as its own two-choice question (`p_dir_up`), as PerturbQA asks it. That
+question failing leaves the row (its DE scores stand) with `direction_error` set and no `p_dir_up`:
+evaluation scores its derived direction. Only truly DE pairs are asked it, so dropping the row would
+take DE positives alone out of the DE AUROC.
 
 Runs on Ray Data with the same actor pools, limits, retries and call cache as trace generation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -69,6 +73,7 @@ class PredictActor(LLMActor):
         ("parsed", pa.bool_()),
         *((name, pa.float64()) for name in PROBS),
         ("p_dir_up", pa.float64()),
+        ("direction_error", pa.string()),  # the separate direction question failed: the row stands
     ]
 
     def __init__(self, *, mode: str, score: bool = True, direction: str = "derived", **kwargs: Any):
@@ -103,22 +108,25 @@ class PredictActor(LLMActor):
         context = row["context"] or None
         scope = {"tuple": row["tuple_id"], "template": "student", "version": self.versions["student"], "mode": self.mode}
         output, answer, scores, calls, error = await self._ask(prompts.student_messages(row, context), scope, list(LABELS))
-        p_dir_up = None
+        p_dir_up = direction_error = None
         if error is None and self.direction == "separate" and row["label"] in prompts.DIRECTIONS:
             scope = scope | {"template": "student_direction", "version": self.versions["student_direction"]}
-            _, dir_answer, dir_scores, more, error = await self._ask(prompts.direction_messages(row, context), scope, list(prompts.DIRECTIONS))
+            _, dir_answer, dir_scores, more, direction_error = await self._ask(prompts.direction_messages(row, context), scope,
+                                                                               list(prompts.DIRECTIONS))
             calls += more
-            p_dir_up = dir_scores[0] if dir_scores else None if dir_answer is None else float(dir_answer == LABELS[0])
-        usage = CallResult.merge(*calls)
+            if direction_error is None:
+                p_dir_up = dir_scores[0] if dir_scores else None if dir_answer is None else float(dir_answer == LABELS[0])
+        usage = dataclasses.replace(CallResult.merge(*calls), error=error)  # a direction error is its own column
         parsed = answer is not None
         if scores is None:
             probs = one_hot(answer) if error is None else None
         else:
             probs = dict(zip(PROBS, scores))
             answer = answer or LABELS[max(range(3), key=scores.__getitem__)]
-        return self._row(row, usage, output=output, answer=answer, probs=probs, parsed=parsed, p_dir_up=p_dir_up, error=error)
+        return self._row(row, usage, output=output, answer=answer, probs=probs, parsed=parsed, p_dir_up=p_dir_up, error=error,
+                         direction_error=direction_error)
 
-    def _row(self, row, result, output, answer, probs, parsed=False, p_dir_up=None, error=None) -> dict[str, Any]:
+    def _row(self, row, result, output, answer, probs, parsed=False, p_dir_up=None, error=None, direction_error=None) -> dict[str, Any]:
         outcome = self.outcome(result)
         if error is not None:
             outcome[f"{self.prefix}_error"] = error
@@ -130,6 +138,7 @@ class PredictActor(LLMActor):
             "parsed": parsed,
             **(probs or dict.fromkeys(PROBS)),
             "p_dir_up": p_dir_up,
+            "direction_error": direction_error,
             **outcome,
         }
 
@@ -169,7 +178,8 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
         output, STAGE, outputs, model=endpoint.model, mode=mode, rows=len(frame), errored=errored,
         parsed=int(frame["parsed"].sum()), template_versions=prompts.PromptSet.from_config().versions, wall_s=round(time.time() - started, 2),
     )
-    refused = int(frame["llm_error"].str.endswith(BUDGET_REFUSED, na=False).sum())
+    # a refused direction question too: the stage must not finish with its derived direction in place
+    refused = int((frame["llm_error"].str.endswith(BUDGET_REFUSED, na=False) | frame["direction_error"].str.endswith(BUDGET_REFUSED, na=False)).sum())
     if refused:
         spent = float(frame.loc[frame["llm_called"], "llm_cost_usd"].sum())
         raise budget_stop("evaluate.max_cost_usd", budget, spent, refused, len(frame))

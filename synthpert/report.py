@@ -32,27 +32,60 @@ def _fmt(value: Any, ci: list | None = None) -> str:
     return text
 
 
+def _coverage(m: Metrics) -> str:
+    return "-" if m.answers is None else f"{m.answers.coverage:.1%}"
+
+
+def _errors(m: Metrics) -> str:
+    """Failed calls (pairs without a prediction), and failed direction questions (derived direction scored)."""
+    if m.answers is None:
+        return "-"
+    return f"{m.answers.errors:,}" + (f" (+{m.answers.direction_errors:,} dir.)" if m.answers.direction_errors else "")
+
+
+def _name(name: str, *parts: Metrics) -> str:
+    """The model's name, marked where it answered under evaluate.min_coverage of a part's pairs."""
+    return name + (" (not ranked)" if any(m.ranked is False for m in parts) else "")
+
+
 def _metric_rows(models: dict[str, Metrics], scope: str | None = None) -> list[list[str]]:
     rows = []
     for name, result in models.items():
         m = result if scope is None else result.per_cell_line.get(scope)
         if m is None:
             continue
-        rows.append([name, *(_fmt(getattr(m, key), m.ci.get(key)) for key, _ in METRICS), _fmt(m.trivial_accuracy), _fmt(m.n)])
+        rows.append([_name(name, result), *(_fmt(getattr(m, key), m.ci.get(key)) for key, _ in METRICS), _fmt(m.trivial_accuracy),
+                     _fmt(m.n), _coverage(m), _errors(m)])
     return rows
 
 
 def _side_by_side(evaluation: EvaluateResult) -> tuple[list[str], list[list[str]]]:
     """Every model's validation and test figures in one row: the champion is chosen on the first."""
-    headers = ["model", "val AUROC DE", "val AUROC dir", "val n", "test AUROC DE", "test AUROC dir", "test accuracy",
-               "test macro-F1", "trivial acc.", "test n"]
+    headers = ["model", "val AUROC DE", "val AUROC dir", "val n", "val coverage", "val errors", "test AUROC DE", "test AUROC dir",
+               "test accuracy", "test macro-F1", "trivial acc.", "test n", "test coverage", "test errors"]
     rows = []
     for name, test in evaluation.models.items():
         val = evaluation.validation.get(name, Metrics())
-        rows.append([name, _fmt(val.auroc_de), _fmt(val.auroc_dir), _fmt(val.n),
+        rows.append([_name(name, val, test), _fmt(val.auroc_de), _fmt(val.auroc_dir), _fmt(val.n), _coverage(val), _errors(val),
                      *(_fmt(getattr(test, k), test.ci.get(k)) for k in ("auroc_de", "auroc_dir", "accuracy", "macro_f1")),
-                     _fmt(test.trivial_accuracy), _fmt(test.n)])
+                     _fmt(test.trivial_accuracy), _fmt(test.n), _coverage(test), _errors(test)])
     return headers, rows
+
+
+def pairs_note(cfg: Config, evaluation: EvaluateResult) -> str:
+    """Which pairs every table compares on, and how many of those asked that leaves out."""
+    parts = []
+    for part, models in (("validation", evaluation.validation), ("test", evaluation.models)):
+        asked = max((m.answers.asked for m in models.values() if m.answers), default=None)
+        if part in evaluation.left_out and asked:
+            left = evaluation.left_out[part]
+            parts.append(f"{part}: {asked - left:,} of {asked:,} asked pairs, {left:,} left out")
+    return ("Like with like: in every table, each model and baseline is scored on the pairs that every ranked model answered ("
+            + ("; ".join(parts) or "not counted") + f"). Coverage is the share of its pairs a model answered; errors are failed calls (the pair has no "
+            "prediction), and `dir.` failed separate direction questions (the pair keeps its DE scores, its derived direction is "
+            f"scored). A model under evaluate.min_coverage ({cfg.evaluate.min_coverage}) in either part is marked `not ranked`: "
+            "scored on its answers among those pairs only (its `n` is smaller), it does not narrow the others' pairs and cannot "
+            "take the champion alias.")
 
 
 def scoring_note(cfg: Config) -> str:
@@ -73,7 +106,7 @@ def scoring_note(cfg: Config) -> str:
 def sections(cfg: Config, traces: TracesResult, trained: dict[str, TrainResult], evaluation: EvaluateResult) -> list[tuple[str, Any]]:
     """(title, content) pairs; content is text, a table (headers, rows) or a list of images."""
     models = evaluation.models
-    headers = ["model", *(label for _, label in METRICS), "trivial acc.", "n"]
+    headers = ["model", *(label for _, label in METRICS), "trivial acc.", "n", "coverage", "errors"]
     cells = sorted({c for m in models.values() for c in m.per_cell_line})
     summary = traces.summary
     grades = summary.grades
@@ -84,6 +117,7 @@ def sections(cfg: Config, traces: TracesResult, trained: dict[str, TrainResult],
                     + (f"validation and test pairs: {cfg.evaluate.limit} of each per cell line, drawn as whole read-out genes (class shares are not "
                        "the test set's; the AUROCs rest on a few genes)." if cfg.evaluate.limit else "test pairs: all.")),
         ("Validation and test, side by side", _side_by_side(evaluation)),
+        ("Pairs compared", pairs_note(cfg, evaluation)),
         ("How scores were made", scoring_note(cfg)),
         ("How to read this", NOTE),
     ]
@@ -99,7 +133,7 @@ def sections(cfg: Config, traces: TracesResult, trained: dict[str, TrainResult],
         [[mode, *(_fmt(getattr(t, k)) for k in ("steps", "first_loss", "final_loss", "val_loss", "tokens_per_s")), t.model_uri or "-"]
          for mode, t in trained.items()],
     )))
-    figures = [f"test/{name}/{png}" for name in models for png in ("confusion.png", "auroc_per_gene.png")]
+    figures = [f"test/{name}/{png}" for name, m in models.items() if m.n != 0 for png in ("confusion.png", "auroc_per_gene.png")]
     out.append(("Confusion matrices and per-gene AUROC", figures))
     return out
 

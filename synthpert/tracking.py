@@ -186,25 +186,31 @@ def registered_name(cfg: Config) -> str | None:
     return name + ("-raw" if cfg.train.mode == "raw" else "") + (f"-holdout-{held}" if held else "")
 
 
-def promote_if_better(name: str, version: str, score: float, alias: str, tags: dict[str, Any] | None = None) -> dict[str, Any]:
+REFUSED_TAG = "synthpert.refused"
+
+
+def promote_if_better(name: str, version: str, score: float, alias: str, tags: dict[str, Any] | None = None,
+                      refused: str | None = None) -> dict[str, Any]:
     """Tag a model version with its score; point `alias` at it only if it beats the alias's holder.
-    `score` must be a validation score: the alias is a choice, never made on test labels."""
+    `score` must be a validation score: the alias is a choice, never made on test labels. `refused`
+    says why the version may not hold the alias whatever its score (its score is on fewer pairs
+    than the others'): it is tagged with the reason and never promoted."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    for key, value in {**(tags or {}), SCORE_TAG: score}.items():
+    for key, value in {**(tags or {}), SCORE_TAG: score, **({REFUSED_TAG: refused} if refused else {})}.items():
         client.set_model_version_tag(name, version, key, str(value))
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:  # no holder yet
         holder = None
     held = float(holder.tags.get(SCORE_TAG, "nan")) if holder is not None else None
-    promote = holder is None or not held == held or score > held  # held != held: NaN, an unscored holder
+    promote = not refused and (holder is None or not held == held or score > held)  # held != held: NaN, an unscored holder
     if promote:
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "score": score, "previous": None if holder is None else str(holder.version),
-            "previous_score": held, "promoted": promote, "uri": f"models:/{name}@{alias}"}
+            "previous_score": held, "promoted": promote, "uri": f"models:/{name}@{alias}", "refused": refused}
 
 
 def portable_uri(uri: str) -> str:

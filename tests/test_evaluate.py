@@ -11,11 +11,14 @@ from synthpert.evaluate import (
     _point_metrics,
     _Rows,
     align,
+    answer_counts,
     bootstrap_ci,
     check_predictions,
     evaluate,
     grouped_auroc,
+    like_with_like,
     load_truth,
+    pair_index,
     weighted_metrics,
     write_report,
 )
@@ -187,6 +190,35 @@ def test_failed_calls_are_missing_pairs_not_bad_probabilities():
     assert (result["n"], result["test_pairs"]) == (len(frame) - 2, len(frame))
     with pytest.raises(SynthPertError, match="miss test pairs"):
         align(check_predictions(frame), _hand_truth(), require_complete=True)
+
+
+@pytest.mark.unit
+def test_models_are_compared_on_the_pairs_every_ranked_model_answered():
+    """A model whose call failed on a pair (a DE-positive one: the separate direction question once
+    dropped only those) must not leave the others scored on more pairs than it: every model is scored
+    on the pairs every ranked model answered, and the pairs left out are counted. Under min_coverage
+    it is not ranked, keeps its answers among all the pairs, and shrinks nobody's set."""
+    complete = _hand_predictions().assign(llm_error=None)
+    flaky = complete.copy()
+    flaky.loc[0, ["p_up", "p_down", "p_none"]] = np.nan  # p1/g1, truly upregulated
+    flaky.loc[0, "llm_error"] = "InternalServerError: Error code: 503"
+    baseline = _hand_predictions()  # no llm_error column: every pair answered
+    frames = {"complete": complete, "flaky": flaky, "baseline": baseline}
+    asked = pair_index(_hand_predictions())
+    assert answer_counts(flaky) == {"asked": 9, "answered": 8, "errors": 1, "direction_errors": 0, "coverage": pytest.approx(8 / 9)}
+
+    scored, ranked, left_out = like_with_like(frames, asked, min_coverage=0.8)
+    assert ranked == {"complete", "flaky", "baseline"} and left_out == 1
+    results = {name: evaluate(frame, _hand_truth(), bootstrap=0) for name, frame in scored.items()}
+    assert {name: r["n"] for name, r in results.items()} == {"complete": 8, "flaky": 8, "baseline": 8}
+    assert results["complete"]["auroc_de"] == results["flaky"]["auroc_de"] == results["baseline"]["auroc_de"]
+
+    scored, ranked, left_out = like_with_like(frames, asked, min_coverage=0.98)
+    assert ranked == {"complete", "baseline"} and left_out == 0
+    assert {name: len(frame) for name, frame in scored.items()} == {"complete": 9, "flaky": 8, "baseline": 9}
+    all_failed = complete.assign(llm_error="InternalServerError: Error code: 503")
+    with pytest.raises(SynthPertError, match="no pair of the 9 asked was answered by every model"):
+        like_with_like({"complete": all_failed}, asked, min_coverage=0.0)
 
 
 @pytest.mark.unit
