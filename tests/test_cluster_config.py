@@ -31,7 +31,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_for_the_paper_job():
     assert group["node_config"]["InstanceType"].startswith(("g5.", "p4d.", "p5."))
 
     setup = "\n".join(config["setup_commands"])
-    assert "torch==2.13.0" in setup and '-e ".[gpu]"' in setup and "-c constraints.txt" in setup
+    assert "torch==2.13.0" in setup and '-e ".[gpu]"' in setup and "-c constraints/gpu.txt" in setup
     assert any("--dashboard-port=8265" in c for c in config["head_start_ray_commands"])
     assert (REPO / config["file_mounts"]["/home/ubuntu/synthpert"]).resolve() == REPO
     assert "/home/ubuntu/synthpert/ray_jobs" not in config["file_mounts"]  # one mount carries all
