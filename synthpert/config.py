@@ -68,6 +68,11 @@ class EndpointConfig(Section):
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 512
+    # Room for hidden reasoning (OpenAI's o-series): tokens such a model thinks in before it writes,
+    # billed as output and counted in max_completion_tokens, which is sent as max_tokens plus this
+    # so the thinking cannot use up the answer's room. Such models take only their default sampling
+    # settings: with it set, temperature and top_p are not sent. 0: a model without hidden reasoning.
+    reasoning_tokens: int = Field(0, ge=0)
     seed: int | None = 0
     price_in_per_mtok: float = 0.0  # USD per million prompt tokens
     price_out_per_mtok: float = 0.0  # USD per million completion tokens
@@ -75,6 +80,10 @@ class EndpointConfig(Section):
     def api_key(self) -> str | None:
         """The key, read from the environment at call time (never stored in the config)."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def completion_limit(self) -> int:
+        """max_completion_tokens: the answer's room and the hidden reasoning's (what can be billed)."""
+        return self.max_tokens + self.reasoning_tokens
 
     def priced(self) -> bool:
         """Whether its calls cost anything (a frontier API; ours is free)."""
@@ -255,6 +264,9 @@ class EvaluateConfig(Section):
     bootstrap: int = 1000  # perturbation-bootstrap replicates for the 95 % CIs (0: none)
     seed: int = 0
     limit: int | None = None  # test (and validation) tuples per cell line for LLM evaluation, whole read-out genes (None: all)
+    # tokens every model may reason in at prediction before it is scored (a cut answer is scored after
+    # the reasoning so far); None: the teacher's max_tokens. Decoding is most of prediction's GPU time.
+    max_tokens: int | None = Field(None, ge=1)
     # direction: from the three-way answer (p_up / (p_up + p_down)), or asked as its own two-choice
     # question on every pair (PerturbQA's and SynthPert's protocol; one more scored call per pair)
     direction: Literal["derived", "separate"] = "derived"

@@ -71,15 +71,17 @@ class Declared:
 IGNORED = (
     "*.output_dir", "*.cache_path", "*.api_key_env", "generate.actors", "generate.batch_size",
     "*.max_cost_usd", "generate.confirm_above_usd",
-    *(f"generate.*.{f}" for f in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries")),
+    # reasoning_tokens: hidden reasoning's room decides which calls are cut off (errors), not what an answered call says
+    *(f"generate.*.{f}" for f in ("max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "reasoning_tokens")),
     "train.mode",  # the pipeline trains both modes; the mode is an input of its own
     *(f"train.{f}" for f in ("storage_path", "checkpoints_to_keep", "max_failures", "log_every_steps", "memory_budget_gb", "placement_strategy")),
 )
 DECLARED = {
     "traces": Declared(("data", "generate"), ("prompts",), ("generate.teacher", "generate.judge")),
     "train": Declared(("train", "data.validation_fraction", "data.seed"), ("traces.sft", "mode")),
-    # every model answers greedily with the teacher's other sampling settings; which model is its own input
-    "predict": Declared(("data", "evaluate.limit", "evaluate.seed", "evaluate.direction",
+    # every model answers greedily with the teacher's other sampling settings, reasoning up to evaluate.max_tokens
+    # (the teacher's max_tokens when unset); which model is its own input
+    "predict": Declared(("data", "evaluate.limit", "evaluate.seed", "evaluate.direction", "evaluate.max_tokens",
                          *(f"generate.teacher.{f}" for f in ("max_tokens", "top_p", "seed"))), ("model", "prompts"), ("endpoint",)),
     "evaluate": Declared(("data", "evaluate"), ("predictions",)),
     "register": Declared(("train.registered_model_name", "data.split", "tracking"), ("train-cot", "evaluate")),
@@ -399,9 +401,16 @@ def baseline_predictions(cfg: Config, truth: pd.DataFrame, asked: pd.DataFrame) 
     return out
 
 
+def predictor(cfg: Config, endpoint: EndpointConfig) -> EndpointConfig:
+    """`endpoint` asked as a predictor: greedily, reasoning up to evaluate.max_tokens, else the
+    teacher's max_tokens (what the students learnt to write within)."""
+    return endpoint.model_copy(update={"temperature": 0.0, "max_tokens": cfg.evaluate.max_tokens or cfg.generate.teacher.max_tokens})
+
+
 def served(cfg: Config, name: str) -> EndpointConfig:
-    """Our endpoint's model (or adapter) `name`, asked greedily with the teacher's other settings."""
-    return cfg.generate.teacher.model_copy(update={"base_url": None, "model": name, "temperature": 0.0})
+    """Our endpoint's model (or adapter) `name` as a predictor, with the teacher's other settings
+    less its hidden reasoning's room (our models reason in the open)."""
+    return predictor(cfg, cfg.generate.teacher).model_copy(update={"base_url": None, "model": name, "reasoning_tokens": 0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,7 +437,7 @@ def models_to_evaluate(cfg: Config, trained: dict[str, TrainResult | None]) -> d
     models["base"] = ModelSpec(served(cfg, cfg.serve.served_model_name), "cot", cfg.serve.model or "embedded")
     teacher = cfg.generate.teacher
     if teacher.base_url is not None:
-        models["teacher"] = ModelSpec(teacher.model_copy(update={"temperature": 0.0}), "cot", f"{teacher.base_url}|{teacher.model}")
+        models["teacher"] = ModelSpec(predictor(cfg, teacher), "cot", f"{teacher.base_url}|{teacher.model}")
     return models
 
 
@@ -516,7 +525,8 @@ def run(cfg: Config, verbose: bool = True, yes: bool = False) -> dict[str, Any]:
     from synthpert.cluster import ray_session
     from synthpert.serving.app import cluster_cpus
 
-    preflight.confirm(cfg, preflight.require(cfg).cost, yes)
+    checked = preflight.require(cfg)
+    preflight.confirm(cfg, checked.cost, yes, checked.size)
     pipeline = Pipeline(cfg, progress=verbose)
     needs = max(cluster_cpus(cfg.serve), cfg.train.num_workers * cfg.train.cpus_per_worker)
     with console.session(cfg.run_dir, verbose=verbose), ray_session(needs), tracking.pipeline_run(cfg) as parent_id:

@@ -45,6 +45,7 @@ class Report:
     pending: list[str]
     checks: list[Check]
     cost: dict[str, dict] = dataclasses.field(default_factory=dict)  # estimate.for_stages, when every check passed
+    size: dict = dataclasses.field(default_factory=dict)  # estimate.sizes: USD and GPU hours by evaluation set, likewise
 
     @property
     def failures(self) -> list[Check]:
@@ -52,7 +53,7 @@ class Report:
 
     def text(self) -> str:
         stages = ", ".join(self.pending) or "none (every stage is done)"
-        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks), *costs_text(self.cost)])
+        return "\n".join([f"pending stages: {stages}", *(c.line() for c in self.checks), *costs_text(self.cost, self.size)])
 
 
 def run(cfg: Config) -> Report:
@@ -69,7 +70,7 @@ def run(cfg: Config) -> Report:
     probe = functools.cache(_listed_models)  # teacher and judge often share one endpoint and key
     checks = [writable("run_dir", cfg.run_dir)]
     checks += [endpoint(subject, e, probe) for subject, e in remote.items() if e.base_url is not None]
-    cluster = cluster_resources() if training or ours else ({}, "")
+    cluster = cluster_resources() if training or ours else ({}, "", None)
     tokenizer = functools.cache(_tokenizer)  # the served model is usually the base model
     if ours:
         served = model_path("serve.model", cfg.serve.model)
@@ -82,16 +83,17 @@ def run(cfg: Config) -> Report:
     if training and ours and model_name(cfg.train.base_model) != model_name(cfg.serve.model):  # as the endpoint compares an adapter's
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
-    cost = {}
-    # the estimate samples and renders every tuple (and imports openai): only for a paid run that can start
-    if all(c.ok for c in checks) and (g.teacher.priced() or g.judge.priced()):
-        from synthpert.estimate import for_stages
+    cost, size = {}, {}
+    # the estimate samples and renders every tuple (and imports openai): only for a paid or GPU run that can start
+    if all(c.ok for c in checks) and (g.teacher.priced() or g.judge.priced() or cfg.train.use_gpu or cfg.serve.use_gpu):
+        from synthpert.estimate import for_stages, sizes
 
         cost = for_stages(cfg, todo)
+        size = sizes(cfg, todo, cost)
     base_ok = all(c.ok for c in checks if c.subject == "train.base_model")  # its shape sizes the checkpoints
     sized = [stage for stage in todo if base_ok or not stage.startswith("train-")]
     checks += disk_space(cfg, sized, cost.get("traces", {}).get("tuples", cfg.data.limit))
-    return Report(todo, checks, cost)
+    return Report(todo, checks, cost, size)
 
 
 def require(cfg: Config) -> Report:
@@ -103,27 +105,33 @@ def require(cfg: Config) -> Report:
     return report
 
 
-def costs_text(cost: dict[str, dict]) -> list[str]:
-    if not cost:
+def costs_text(cost: dict[str, dict], size: dict | None = None) -> list[str]:
+    """Each paid stage's estimate, then the run's USD and GPU hours by evaluation set (`size`)."""
+    if not cost and not size:
         return []
-    from synthpert.estimate import describe
+    from synthpert.estimate import describe, describe_sizes
 
-    return [describe(est, est["budget_usd"], stage) for stage, est in cost.items()]
+    return [*(describe(est, est["budget_usd"], stage) for stage, est in cost.items()), *describe_sizes(size or {})]
 
 
-def confirm(cfg: Config, cost: dict[str, dict], yes: bool) -> None:
+def confirm(cfg: Config, cost: dict[str, dict], yes: bool, size: dict | None = None) -> None:
     """Ask before a run whose paid calls may cost more than generate.confirm_above_usd (the upper
-    end of the estimate); `yes` answers for the user. Nobody to ask (no terminal, CI, a Ray job):
-    refuse in one line rather than wait or go ahead unasked."""
+    end of the estimate, printed with the run's GPU hours, `size`); `yes` answers for the user.
+    Nobody to ask (no terminal, CI, a Ray job): refuse in one line rather than wait or go ahead unasked."""
     threshold = cfg.generate.confirm_above_usd
     high = sum(est["usd"][1] for est in cost.values())
     if threshold is None or not cost or high <= threshold:
         return
-    print("\n".join(costs_text(cost)), file=sys.stderr)
+    print("\n".join(costs_text(cost, size)), file=sys.stderr)
     asked = f"this run's paid calls may cost up to ${high:.2f}, above generate.confirm_above_usd=${threshold:.2f}"
     unattended = None if yes else unattended_reason()
     if unattended:
-        raise SynthPertError(f"{asked}; not confirmed ({unattended}): re-run with --yes, or raise generate.confirm_above_usd")
+        from synthpert.estimate import BUDGETS
+
+        # --yes alone would let the run spend whatever it ends up costing: name the caps not set
+        caps = " ".join(f"--set {BUDGETS[stage]}=USD" for stage, est in cost.items() if est["budget_usd"] is None)
+        raise SynthPertError(f"{asked}; not confirmed ({unattended}): re-run with --yes"
+                             + (f" and a hard budget for each paid stage ({caps})" if caps else "") + ", or raise generate.confirm_above_usd")
     import typer
 
     if not yes and not typer.confirm(f"{asked}. Go ahead?", default=False, err=True):
@@ -262,7 +270,7 @@ def scoring_template(value: str | None, tokenizer: Callable) -> list[Check]:
     return _template_check("serve.model", value, tokenizer, render)
 
 
-def train_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:
+def train_resources(cfg: Config, cluster: Cluster) -> list[Check]:
     """The training workers' GPUs and CPUs (see `_resources`)."""
     t = cfg.train
     need = {"GPU": t.num_workers if t.use_gpu else 0, "CPU": t.num_workers * t.cpus_per_worker}
@@ -270,7 +278,7 @@ def train_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[
     return _resources("train", need, per, cluster)
 
 
-def serve_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[Check]:
+def serve_resources(cfg: Config, cluster: Cluster) -> list[Check]:
     """Our endpoint's first replicas and the Ray Data stage that calls them, which run at once: on
     a cluster holding only the replicas' CPUs, the stage's tasks would wait forever."""
     from synthpert.serving.app import DATA_CPUS, replica_cpus
@@ -283,29 +291,86 @@ def serve_resources(cfg: Config, cluster: tuple[dict[str, float], str]) -> list[
     return _resources("serve", need, per, cluster)
 
 
-def _resources(section: str, need: dict[str, float], per: dict[str, str], cluster: tuple[dict[str, float], str]) -> list[Check]:
+def _resources(section: str, need: dict[str, float], per: dict[str, str], cluster: Cluster) -> list[Check]:
     """`need` against the cluster the pipeline will use (`cluster_resources`): on this node a
-    private cluster is started with at least the CPUs asked for, so only its GPUs can be short."""
-    have, where = cluster
-    return [Check(f"{section}.{resource.lower()}s", have[resource] >= count,
-                  f"{count:g} {resource}s needed ({per[resource]}), {where} has {have[resource]:g}")
-            for resource, count in need.items() if count and resource in have]
+    private cluster is started with at least the CPUs asked for, so only its GPUs can be short.
+    A cluster short now passes when its autoscaler can launch the rest: Ray Train and Serve wait
+    for those nodes, and when a job is submitted to a `ray up` cluster only its head is up."""
+    have, where, scale = cluster
+    checks = []
+    for resource, count in need.items():
+        if not count or resource not in have:
+            continue
+        ok, detail = have[resource] >= count, f"{count:g} {resource}s needed ({per[resource]}), {where} has {have[resource]:g}"
+        if not ok and scale:
+            most = scale.most(resource)
+            ok = most >= count
+            detail += f" now and can launch {scale.text()}" + ("" if ok else f": {most:g} at most")
+        checks.append(Check(f"{section}.{resource.lower()}s", ok, detail))
+    return checks
 
 
-def cluster_resources() -> tuple[dict[str, float], str]:
-    """Resources of the cluster a run would use, and what that cluster is, without starting one:
-    the connected or RAY_ADDRESS one (read), else this node (its GPUs only)."""
+AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config, on the head node
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoscaler:
+    """What a `ray up` cluster may grow to: its head, and up to `max_workers` worker nodes of the
+    types in `workers` (name -> the resources of one, its max_workers)."""
+
+    head: dict[str, float]
+    workers: dict[str, tuple[dict[str, float], int]]
+    max_workers: int
+
+    def most(self, resource: str) -> float:
+        """The most of `resource` the cluster can hold at once: the head and the richest workers."""
+        total, left = self.head.get(resource, 0), self.max_workers
+        for resources, count in sorted(self.workers.values(), key=lambda w: -w[0].get(resource, 0)):
+            total += min(count, left) * resources.get(resource, 0)
+            left -= min(count, left)
+        return total
+
+    def text(self) -> str:
+        def shown(resources: dict[str, float]) -> str:
+            return ", ".join(f"{key}: {resources[key]:g}" for key in ("GPU", "CPU") if key in resources)
+
+        return ", ".join(f"{min(count, self.max_workers)} x {{{shown(resources)}}} ({name}, max_workers {count})"
+                         for name, (resources, count) in self.workers.items())
+
+
+def autoscaler() -> Autoscaler | None:
+    """The autoscaler of the cluster this node heads (AUTOSCALER_CONFIG, with each node type's
+    resources filled in from its instance type by `ray up`); None on any other node, or when it
+    may launch no worker."""
+    path = AUTOSCALER_CONFIG.expanduser()
+    if not path.is_file():
+        return None
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    types, head = config["available_node_types"], config["head_node_type"]
+    workers = {name: (t.get("resources", {}), t.get("max_workers", 0)) for name, t in types.items() if name != head and t.get("max_workers", 0)}
+    return Autoscaler(types[head].get("resources", {}), workers, config.get("max_workers", 0)) if workers else None
+
+
+Cluster = tuple[dict[str, float], str, "Autoscaler | None"]
+
+
+def cluster_resources() -> Cluster:
+    """Resources of the cluster a run would use, what that cluster is and what its autoscaler may
+    add, without starting one: the connected or RAY_ADDRESS one (read; a resource it does not list
+    is 0), else this node (its GPUs only; a private cluster does not grow)."""
     import ray
 
     from synthpert.cluster import ray_address
 
     if ray.is_initialized():
-        return ray.cluster_resources(), "the connected Ray cluster"
+        return {"CPU": 0.0, "GPU": 0.0, **ray.cluster_resources()}, "the connected Ray cluster", autoscaler()
     address = ray_address()
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         try:
-            return ray.cluster_resources(), f"the Ray cluster at {address}"
+            return {"CPU": 0.0, "GPU": 0.0, **ray.cluster_resources()}, f"the Ray cluster at {address}", autoscaler()
         finally:
             ray.shutdown()
     # what Ray itself would detect when starting a private cluster here (CUDA_VISIBLE_DEVICES, else NVML)
@@ -313,7 +378,7 @@ def cluster_resources() -> tuple[dict[str, float], str]:
 
     gpus = get_accelerator_manager_for_resource("GPU")
     visible = gpus.get_current_process_visible_accelerator_ids()
-    return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node"
+    return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node", None
 
 
 CHECKPOINT_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # a LoRA weight in fp32, its master copy, AdamW's two moments, the adapter file

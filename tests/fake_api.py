@@ -2,8 +2,8 @@
 
 The one allowed fake: it stands in for a paid frontier API, which cannot be reached here. It
 speaks the real wire format (the official `openai` client talks to it over HTTP) and injects
-429 (with Retry-After), 500, hangs past the client's timeout, dropped connections and malformed
-outputs at chosen rates. Which fault hits which request is a pure function of (seed, request
+429 (with Retry-After), 500, hangs past the client's timeout, dropped connections, malformed
+outputs and answers cut off by hidden reasoning at chosen rates. Which fault hits which request is a pure function of (seed, request
 content, attempt number), so a test can replay the server's decisions. It counts every request
 and every answered call per request content: the crash-resume test uses those counters to prove
 no finished call was made twice. Its latency is fixed, or lognormal around a median (`latency_sigma`:
@@ -58,6 +58,9 @@ class Faults:
     rate_drop: float = 0.0  # close the connection without an answer
     rate_dead: float = 0.0  # this content always gets 500: the row must end up errored
     rate_malformed: float = 0.0  # this content gets a 200 whose text ignores the format
+    # this content gets what a reasoning model answers when its thinking fills max_completion_tokens:
+    # finish_reason length, no content, every completion token billed as hidden reasoning
+    rate_cut: float = 0.0
     seed: int = 0
 
     def transient(self, key: str, attempt: int) -> str | None:
@@ -73,6 +76,9 @@ class Faults:
 
     def malformed(self, key: str) -> bool:
         return uniform(self.seed, key, "malformed") < self.rate_malformed
+
+    def cut(self, key: str) -> bool:
+        return uniform(self.seed, key, "cut") < self.rate_cut
 
 
 def default_reply(body: dict, key: str) -> str:
@@ -174,6 +180,11 @@ class FakeAPI:
         text = MALFORMED if self.faults.malformed(key) else default_reply(body, key)
         prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4 + 1
         completion_tokens = len(text) // 4 + 1
+        finish, details = "stop", {"reasoning_tokens": 0}
+        if self.faults.cut(key):
+            text, finish = None, "length"
+            completion_tokens = body.get("max_completion_tokens") or body["max_tokens"]
+            details["reasoning_tokens"] = completion_tokens
         self.answered[key] += 1
         self.answered_at.append(time.monotonic())
         return web.json_response(
@@ -182,11 +193,12 @@ class FakeAPI:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens,
+                    "completion_tokens_details": details,
                 },
             }
         )

@@ -32,6 +32,7 @@ def test_local_config_is_the_embedded_cpu_setting():
     assert not cfg.train.use_gpu and cfg.train.num_workers <= 2 and cfg.serve.engine == "auto"  # vLLM where installed
     assert cfg.tracking.tracking_uri.startswith("sqlite:///") and not cfg.tracking.tracking_uri.startswith("sqlite:////")
     assert cfg.data.limit and cfg.evaluate.limit and cfg.train.max_steps  # a bounded sample
+    assert cfg.evaluate.max_tokens is None  # the students reason up to the teacher's 128 tokens
 
 
 def test_paper_config_is_the_papers_setting():
@@ -46,6 +47,11 @@ def test_paper_config_is_the_papers_setting():
     assert (cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.zero_stage) == (32, 32, 3)
     assert cfg.train.use_gpu and cfg.serve.engine == "vllm" and cfg.serve.use_gpu
     assert isinstance(cfg.train.base_model, str) and cfg.train.base_model  # a path the user sets
+    # sized: a declared subset of whole read-out genes (every pair with evaluate.limit=null), reasoning
+    # bounded at prediction, and room for o4-mini's hidden reasoning beside its written output
+    assert cfg.evaluate.limit and load_config(CONFIGS / "paper.yaml", ["evaluate.limit=null"]).evaluate.limit is None
+    assert cfg.evaluate.max_tokens and cfg.evaluate.max_tokens < cfg.generate.teacher.max_tokens
+    assert cfg.generate.teacher.reasoning_tokens and cfg.generate.judge.reasoning_tokens
 
 
 def test_rpe1_holdout_differs_from_paper_only_in_split_neighbours_and_outputs():

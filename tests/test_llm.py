@@ -83,6 +83,40 @@ def test_cache_answers_finished_calls_without_a_request(tmp_path):
 
 
 @pytest.mark.unit
+def test_an_answer_cut_off_by_hidden_reasoning_is_an_error_with_its_cost(tmp_path):
+    """An o-series model counts its hidden reasoning in max_completion_tokens: one that thinks until
+    they are spent ends `length` with no content, and is billed for them. It is asked with the
+    reasoning's room on top of max_tokens; a cut call comes back as an error that carries its usage
+    and cost (what the budget and the stage's spend count), and is not cached: a re-run asks again."""
+    endpoint = EndpointConfig(model="fake-teacher", max_tokens=100, reasoning_tokens=300, max_retries=0,
+                              price_in_per_mtok=2.0, price_out_per_mtok=10.0)
+    with FakeAPI(free_port(), Faults(rate_cut=0.4, seed=2)) as api:
+        cache = CallCache(tmp_path / "c.sqlite")
+        first = asyncio.run(_ask(LLMClient(endpoint, api.base_url, cache=cache), 12))
+        cut = [i for i, r in enumerate(first) if r.error]
+        assert 0 < len(cut) < 12 and all(first[i].text for i in range(12) if i not in cut)
+        for result in (first[i] for i in cut):
+            assert result.text is None and result.completion_tokens == 400  # max_tokens + reasoning_tokens, all spent thinking
+            assert result.error.startswith("cut off before any answer: 400 completion tokens, 400 of them hidden reasoning, "
+                                           "filled max_completion_tokens=400")
+            assert result.cost_usd == pytest.approx((2.0 * result.prompt_tokens + 10.0 * 400) / 1e6)
+        answered = api.answered_total()
+        again = asyncio.run(_ask(LLMClient(endpoint, api.base_url, cache=cache), 12))
+        assert api.answered_total() == answered + len(cut)  # only the cut calls are asked again
+        assert all(again[i].cached == (i not in cut) for i in range(12))
+
+
+@pytest.mark.unit
+def test_a_reasoning_model_is_sent_no_sampling_settings():
+    """o-series models refuse any temperature or top_p but their default: the teacher as a greedy
+    predictor (temperature 0) would get a 400 on every call."""
+    o_series = EndpointConfig(model="o4-mini", temperature=0.0, top_p=0.9, max_tokens=100, reasoning_tokens=300)
+    assert LLMClient(o_series, "http://127.0.0.1:9/v1").sampling() == {"max_completion_tokens": 400, "seed": 0}
+    plain = o_series.model_copy(update={"reasoning_tokens": 0})
+    assert LLMClient(plain, "http://127.0.0.1:9/v1").sampling() == {"temperature": 0.0, "top_p": 0.9, "max_completion_tokens": 100, "seed": 0}
+
+
+@pytest.mark.unit
 def test_the_cache_key_names_who_answers():
     """Same model name, same question: another address, or our own endpoint serving other weights
     (whatever port it is on this time), is another call."""

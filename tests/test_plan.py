@@ -58,9 +58,22 @@ def test_a_read_field_changes_its_key_and_every_key_downstream():
     assert _differ("data.validation_fraction=0.2") == STAGES
 
 
+def test_every_predictor_reasons_up_to_evaluate_max_tokens():
+    """Not the teacher's trace length, which configs/local.yaml keeps by leaving it unset; our models
+    reason in the open, the remote teacher keeps its hidden reasoning's room."""
+    assert _differ("evaluate.max_tokens=64") == STAGES[3:]
+    cfg = load_config(LOCAL, [*REMOTE, "evaluate.max_tokens=64", "generate.teacher.reasoning_tokens=256"])
+    models = models_to_evaluate(cfg, dict.fromkeys(MODES))
+    assert set(models) == {"student-cot", "student-raw", "base", "teacher"}
+    assert {spec.endpoint.max_tokens for spec in models.values()} == {64}
+    assert [name for name, spec in models.items() if spec.endpoint.reasoning_tokens] == ["teacher"]
+    assert models_to_evaluate(load_config(LOCAL), dict.fromkeys(MODES))["base"].endpoint.max_tokens == 128  # the teacher's
+
+
 def test_a_field_a_stage_does_not_read_leaves_its_key():
     unread = ["serve.max_replicas=4", "generate.output_dir=/elsewhere", "generate.teacher.max_concurrency=2", "generate.judge.api_key_env=OTHER_KEY", "train.output_dir=/x",
-              "evaluate.output_dir=/y", "train.checkpoints_to_keep=5", "run_dir=/z"]
+              "evaluate.output_dir=/y", "train.checkpoints_to_keep=5", "run_dir=/z",
+              "generate.teacher.reasoning_tokens=256"]  # hidden reasoning's room: which calls are cut, not what they say
     for override in unread:
         assert _differ(override) == [], override
 

@@ -114,15 +114,91 @@ def test_a_cluster_with_cpus_for_the_replica_only_is_refused(tmp_path, monkeypat
     """On a running cluster, our endpoint's replica and the Ray Data stage calling it run at once:
     a vLLM replica (its engine asks one more CPU) on 2 CPUs would leave the stage's tasks waiting
     forever, so the pre-flight says so; 3 CPUs, or the transformers engine's 1, fit."""
-    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 2.0, "GPU": 0.0}, "the Ray cluster at 127.0.0.1:6379"))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 2.0, "GPU": 0.0}, "the Ray cluster at 127.0.0.1:6379", None))
     subject = lambda cfg: {c.subject: c for c in preflight.run(cfg).checks}["serve.cpus"]  # noqa: E731
     vllm = load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=vllm"])
     check = subject(vllm)
     assert not check.ok and check.detail == (
         "3 CPUs needed (1 replica(s) x 2 on vllm + 1 for the Ray Data stage calling them), the Ray cluster at 127.0.0.1:6379 has 2")
     assert subject(load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=transformers"])).ok
-    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 3.0}, "the Ray cluster at 127.0.0.1:6379"))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 3.0}, "the Ray cluster at 127.0.0.1:6379", None))
     assert subject(vllm).ok
+
+
+# resources `ray up` fills in for cluster.yaml's instance types (AWS's DescribeInstanceTypes)
+FILLED = {"m6i.4xlarge": {"CPU": 16}, "g5.12xlarge": {"CPU": 48, "GPU": 4, "memory": 141733920768, "accelerator_type:A10G": 1}}
+
+
+def _head_of_cluster_yaml(tmp_path, monkeypatch, **worker) -> None:
+    """This process as a job driver on cluster.yaml's head at submit time: connected to a cluster of
+    the head alone, ~/ray_bootstrap_config.yaml as `ray up` writes it (`worker`: changes to the GPU
+    node type); no Ray is started."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    for node_type in config["available_node_types"].values():
+        node_type["resources"] = {**FILLED[node_type["node_config"]["InstanceType"]], **node_type["resources"]}
+    config["available_node_types"]["gpu_worker"].update(worker)
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(json.dumps(config))  # Ray writes JSON there
+    monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", bootstrap)
+    monkeypatch.setattr("ray.is_initialized", lambda: True)
+    monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 16.0, "memory": 4.6e10, "object_store_memory": 2e10})
+
+
+@pytest.mark.unit
+def test_a_cluster_of_its_head_alone_passes_with_the_gpu_workers_it_can_launch(tmp_path, monkeypatch):
+    """At `ray job submit` cluster.yaml's cluster is its CPU head (gpu_worker.min_workers 0); the
+    autoscaler launches the GPU nodes once training or Serve asks for them. The pre-flight counts
+    what the autoscaler's config lets it launch, and still refuses what it cannot."""
+    paper = load_config(PAPER)
+
+    def checks() -> dict[str, preflight.Check]:
+        cluster = preflight.cluster_resources()
+        return {c.subject: c for c in [*preflight.train_resources(paper, cluster), *preflight.serve_resources(paper, cluster)]}
+
+    _head_of_cluster_yaml(tmp_path, monkeypatch)
+    now = checks()
+    assert now["train.gpus"].ok and now["train.gpus"].detail == (
+        "4 GPUs needed (train.num_workers=4 x 1 with train.use_gpu), the connected Ray cluster has 0 now "
+        "and can launch 4 x {GPU: 4, CPU: 48} (gpu_worker, max_workers 4)")
+    assert now["train.cpus"].ok and "32 CPUs needed (train.num_workers=4 x 8), the connected Ray cluster has 16" in now["train.cpus"].detail
+    assert set(now) == {"train.gpus", "train.cpus", "serve.gpus", "serve.cpus"} and all(c.ok for c in now.values())
+
+    _head_of_cluster_yaml(tmp_path, monkeypatch, max_workers=1, resources={"CPU": 8, "GPU": 2})  # one 2-GPU node at most
+    short = checks()
+    assert not short["train.gpus"].ok and short["train.gpus"].detail.endswith(
+        "has 0 now and can launch 1 x {GPU: 2, CPU: 8} (gpu_worker, max_workers 1): 2 at most")
+    assert short["serve.gpus"].ok and not short["train.cpus"].ok  # 16 + 8 CPUs for 32
+
+    monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")  # not a `ray up` head: what is up now
+    alone = checks()
+    assert not alone["train.gpus"].ok and alone["train.gpus"].detail.endswith("the connected Ray cluster has 0")
+
+
+@pytest.mark.unit
+def test_unattended_refusal_names_the_budgets_that_let_a_paid_job_run(monkeypatch):
+    """A Ray job has nobody to answer "Go ahead?": its refusal says --yes, with a hard budget for
+    each paid stage not capped yet, as README's documented job command carries them."""
+    from synthpert.errors import SynthPertError
+
+    monkeypatch.setattr(preflight, "unattended_reason", lambda: "inside a Ray job")
+    monkeypatch.setattr(preflight, "costs_text", lambda *a: [])  # the estimates' text is tested above
+    cfg, tail = load_config(LOCAL), ", or raise generate.confirm_above_usd"
+    cost = {"traces": {"usd": [40.0, 80.0], "budget_usd": None}, "predict-teacher": {"usd": [10.0, 20.0], "budget_usd": None}}
+    with pytest.raises(SynthPertError) as refused:
+        preflight.confirm(cfg, cost, yes=False)
+    assert str(refused.value).endswith("not confirmed (inside a Ray job): re-run with --yes and a hard budget for each paid stage "
+                                       f"(--set generate.max_cost_usd=USD --set evaluate.max_cost_usd=USD){tail}")
+    cost["traces"]["budget_usd"] = 100.0
+    with pytest.raises(SynthPertError, match=r"with --yes and a hard budget for each paid stage \(--set evaluate.max_cost_usd=USD\),"):
+        preflight.confirm(cfg, cost, yes=False)
+    cost["predict-teacher"]["budget_usd"] = 30.0
+    with pytest.raises(SynthPertError) as refused:
+        preflight.confirm(cfg, cost, yes=False)
+    assert str(refused.value).endswith(f"re-run with --yes{tail}")
+    preflight.confirm(cfg, cost, yes=True)
 
 
 @pytest.mark.unit
@@ -290,3 +366,32 @@ def test_short_disk_is_one_line_sized_from_the_lora_checkpoints_and_traces(tmp_p
     [both] = preflight.disk_space(cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(other)})}),
                                   ["traces", "train-cot", "train-raw"], 12)
     assert both.detail.startswith(f"{other}: ") and "(checkpoints" in both.detail and "traces" in both.detail
+
+
+@pytest.mark.unit
+def test_paper_check_prints_usd_and_gpu_hours_for_its_subset_and_the_whole_set(tmp_path, monkeypatch):
+    """configs/paper.yaml evaluates a declared subset; its pre-flight sizes that and the whole
+    evaluation set in USD and GPU hours. What this box lacks is stubbed (the OpenAI endpoint, the
+    cluster's GPUs) or pointed elsewhere (run_dir, the embedded model for the 8B one); one cell line
+    and small samples keep it quick, and its whole set is every validation and test pair of k562."""
+    monkeypatch.setenv("OPENAI_API_KEY", "stub")
+    monkeypatch.setattr(preflight, "_listed_models", lambda url, key: (["o4-mini"], None))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"GPU": 4.0, "CPU": 48.0}, "the stubbed cluster", None))
+    cfg = load_config(PAPER, [f"run_dir={tmp_path}", "train.base_model=null", "serve.model=null", "data.cell_lines=[k562]",
+                              "data.limit=40", "evaluate.limit=30", "data.knowledge.enabled=false"])
+    report = preflight.run(cfg)
+    assert report.failures == [] and {"traces", "train-cot", "predict-base", "predict-teacher"} <= set(report.pending)
+    subset, whole = report.size["sizes"]
+    assert (subset["evaluate.limit"], subset["tuples"]) == (30, 60)  # validation and test: 30 of each
+    assert (whole["evaluate.limit"], whole["tuples"]) == (None, 12836 + 23212)
+    for kind in ("usd", "gpu_hours"):
+        low, high = (subset[kind], whole[kind]) if kind == "usd" else (subset[kind]["total"], whole[kind]["total"])
+        assert 0 < low[0] < low[1] and 0 < high[0] < high[1] and low[1] < high[1], kind
+    predicted = {name: whole["gpu_hours"][name][1] for name in ("train", "predict")}
+    assert predicted["train"] == subset["gpu_hours"]["train"][1] > 0 < predicted["predict"]  # the same training either way
+    text = report.text()
+    for size, name in ((subset, "evaluate.limit=30 (as configured)"), (whole, "evaluate.limit=null (the whole set)")):
+        [line] = [line for line in text.splitlines() if line.strip().startswith(name)]
+        hours = size["gpu_hours"]["total"]
+        assert f"${size['usd'][0]:,.2f}-${size['usd'][1]:,.2f}" in line and f"GPU hours {hours[0]:,.0f}-{hours[1]:,.0f}" in line, line
+    assert "assumed per A10G 24 GB: 600 GB/s, 70 TFLOPS bf16" in text and "tok/s" in text

@@ -4,17 +4,19 @@
   holds one client; the actors of a stage split the endpoint's budget, see `share`).
 - Rate caps: `requests_per_minute` is checked before every HTTP attempt, retries included (an
   httpx request hook); `tokens_per_minute` before every call, with the prompt estimated at 4
-  characters a token plus `max_tokens` (a provider counts what is reserved, not what is used).
+  characters a token plus max_completion_tokens (a provider counts what is reserved, not what is used).
   Both are aiolimiter leaky buckets holding at most one second's worth, so no burst of a whole
   minute's budget at start.
 - Retries: the openai client's own machinery (honours Retry-After / retry-after-ms, otherwise
   exponential backoff with jitter; retries 408/409/429/5xx, timeouts and dropped connections)
   up to `max_retries`; after that the error is returned on the result, never raised.
-- Budget (`max_cost_usd`): before a request is sent its worst case (prompt estimate + max_tokens
-  at the prices) is reserved against the run's counter in the cache file; a call that would pass
+- Budget (`max_cost_usd`): before a request is sent its worst case (prompt estimate +
+  max_completion_tokens at the prices) is reserved against the run's counter in the cache file; a call that would pass
   the budget is refused (BUDGET_REFUSED, no request); the reservation is settled at the actual usage.
 - Cache: a finished call (any 2xx answer, malformed or not: it was paid for) is written to the
   CallCache before it is returned; a key already there is answered from it without a request.
+  One cut off before any answer (finish_reason `length`, no content: a reasoning model that
+  thought until max_completion_tokens) is an error that keeps its usage and cost, not cached.
 """
 
 from __future__ import annotations
@@ -137,12 +139,15 @@ class LLMClient:
         """The request's sampling parameters (part of the cache key).
 
         `max_completion_tokens` is the current OpenAI name (o-series models refuse `max_tokens`;
-        vLLM and our endpoint take both). temperature/top_p at the API default 1.0 are left out:
-        reasoning models reject them even at their default.
+        vLLM and our endpoint take both), with room for hidden reasoning. temperature/top_p at the
+        API default 1.0 are left out, and any value for a model with hidden reasoning: reasoning
+        models reject them even at their default, and any other value (the greedy predictor's 0).
         """
         e = self.endpoint
-        params = {"temperature": e.temperature, "top_p": e.top_p, "max_completion_tokens": e.max_tokens, "seed": e.seed}
-        return {k: v for k, v in params.items() if v is not None and not (k in ("temperature", "top_p") and v == 1.0)}
+        params = {"max_completion_tokens": e.completion_limit(), "seed": e.seed}
+        if not e.reasoning_tokens:
+            params |= {k: v for k, v in (("temperature", e.temperature), ("top_p", e.top_p)) if v != 1.0}
+        return {k: v for k, v in params.items() if v is not None}
 
     def _openai(self) -> openai.AsyncOpenAI:
         if self._client is None:
@@ -189,8 +194,8 @@ class LLMClient:
         prompt_estimate = prompt_tokens_estimate(messages)
         async with self._slots:
             if self._tpm is not None:
-                await self._tpm.acquire(min(prompt_estimate + self.endpoint.max_tokens, self._tpm.max_rate))
-            reserved = price(self.endpoint, prompt_estimate, self.endpoint.max_tokens)
+                await self._tpm.acquire(min(prompt_estimate + self.endpoint.completion_limit(), self._tpm.max_rate))
+            reserved = price(self.endpoint, prompt_estimate, self.endpoint.completion_limit())
             if self.max_cost_usd is not None and not self.cache.reserve(reserved, self.max_cost_usd):
                 return CallResult(error=BUDGET_REFUSED, refused=True)
             result = await self._send(client, messages, extra_body)
@@ -231,6 +236,12 @@ class LLMClient:
             retries=max(0, counter[0] - 1),
             extra=dict(completion.model_extra or {}),
         )
+        if choice is not None and choice.finish_reason == "length" and not choice.message.content:
+            details = usage.completion_tokens_details if usage else None
+            hidden = f", {details.reasoning_tokens} of them hidden reasoning," if details and details.reasoning_tokens is not None else ""
+            result.text, result.error = None, (
+                f"cut off before any answer: {completion_tokens} completion tokens{hidden} filled max_completion_tokens="
+                f"{self.endpoint.completion_limit()} (finish_reason length); raise reasoning_tokens")
         return result
 
     async def aclose(self) -> None:
