@@ -87,12 +87,10 @@ def model_config(path: str | Path | None) -> dict:
     sizes a run by, before any stage has made the cache. For the embedded model not yet converted (a
     new machine) it is the copy shipped beside this module, the converted model's own (a test keeps
     them equal): reading it from the GGUF file's metadata takes 8-30 s on a 2-core box."""
-    folder = embedded_cached() if path in EMBEDDED_ALIASES else Path(path).expanduser()
-    if (folder / "config.json").is_file():
-        return json.loads((folder / "config.json").read_text())
     if path not in EMBEDDED_ALIASES:
-        raise SynthPertError(f"model path {folder} is not a model directory (no config.json there)")
-    return json.loads(EMBEDDED_CONFIG.read_text())
+        return json.loads((resolve_model(path) / "config.json").read_text())
+    converted = embedded_cached() / "config.json"
+    return json.loads((converted if converted.is_file() else EMBEDDED_CONFIG).read_text())
 
 
 def resolve_model(path: str | Path | None) -> Path:
