@@ -1,4 +1,4 @@
-"""The train stage: check inputs, tokenise the traces with Ray Data, run `TorchTrainer`, export
+"""The train stage: check inputs, tokenise the traces, run `TorchTrainer` on Ray Datasets, export
 the adapter, log to MLflow and register it.
 
 Everything that can be wrong with the input (no file, missing columns, no rows, bad messages, a
@@ -82,20 +82,14 @@ def _tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _tokenize_batch(frame: pd.DataFrame, model_dir: str, cfg: dict, validation: tuple[float, int]) -> pd.DataFrame:
-    """Ray Data map: source rows -> training rows tagged train/validation (packed per split)."""
-    tc = TrainConfig.model_validate(cfg)
-    held = held_out(frame, *validation).to_numpy(dtype=bool)
-    parts = []
-    for split, part in (("train", frame[~held]), ("validation", frame[held])):
-        rows = tokenize_frame(part, _tokenizer(model_dir), tc.mode, tc.max_seq_len, tc.loss_on, tc.packing)
-        parts.append(rows.assign(split=split))
-    return pd.concat(parts, ignore_index=True)
-
-
 def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tuple[float, int] = (0.0, 0)) -> tuple[Any, Any, dict[str, int]]:
-    """Materialised Ray Datasets (train shuffled once; validation) and their row/example counts.
-    `validation`: (data.validation_fraction, data.seed), for traces without a split column."""
+    """Ray Datasets for the workers (train shuffled once; validation) and their row/example counts.
+    `validation`: (data.validation_fraction, data.seed), for traces without a split column.
+
+    Tokenised here, in the driver, which already holds the tokenizer: a Ray Data map over the
+    traces (thousands of rows at most, a second or two of tokenising) paid a cold worker's
+    transformers import, ~20 s of every training stage on a 2-core box."""
+    import numpy as np
     import pyarrow.parquet as pq
     import ray.data
 
@@ -103,27 +97,26 @@ def build_datasets(sft: Path, model_dir: Path, tc: TrainConfig, validation: tupl
     context.enable_progress_bars = False  # a few small datasets: bars only bury the training log
     context.print_on_execution_start = False
     columns = [*REQUIRED[tc.mode], *(["split"] if "split" in pq.read_schema(sft).names else [])]
-    source = ray.data.read_parquet(str(sft), columns=columns)
-    tokenized = source.map_batches(
-        _tokenize_batch,
-        batch_format="pandas",
-        batch_size=256,
-        fn_kwargs={"model_dir": str(model_dir), "cfg": tc.model_dump(mode="json"), "validation": validation},
-    ).materialize()
-    train = tokenized.filter(expr="split == 'train'").random_shuffle(seed=tc.seed).materialize()
-    validation = tokenized.filter(expr="split == 'validation'").materialize()
-    counts = {"train_rows": train.count(), "validation_rows": validation.count()}
-    counts["train_examples"] = int(train.sum("examples") or 0) if counts["train_rows"] else 0
-    counts["validation_examples"] = int(validation.sum("examples") or 0) if counts["validation_rows"] else 0
-    counts["own_rendered_examples"] = int(tokenized.sum("own_rendered") or 0)
-    counts["source_rows"] = source.count()
-    counts["longest_row"] = int(tokenized.max("length") or 0)  # tokens: what the memory plan sizes for
+    source = pd.read_parquet(sft, columns=columns)
+    held = held_out(source, *validation).to_numpy(dtype=bool)
+    tokenizer = _tokenizer(str(model_dir))
+    rows = {split: tokenize_frame(part, tokenizer, tc.mode, tc.max_seq_len, tc.loss_on, tc.packing)
+            for split, part in (("train", source[~held]), ("validation", source[held]))}
+    shuffled = rows["train"].sample(frac=1, random_state=tc.seed).reset_index(drop=True)
+    # a block per worker: each rank's shard streams from its own block
+    train, val = (ray.data.from_pandas([frame.iloc[i] for i in np.array_split(np.arange(len(frame)), max(1, min(tc.num_workers, len(frame))))])
+                  for frame in (shuffled, rows["validation"]))
+    counts = {f"{split}_{kind}": int(len(frame) if kind == "rows" else frame["examples"].sum())
+              for split, frame in rows.items() for kind in ("rows", "examples")}
+    both = pd.concat(rows.values())
+    counts |= {"own_rendered_examples": int(both["own_rendered"].sum()), "source_rows": len(source),
+               "longest_row": int(both["length"].max()) if len(both) else 0}  # tokens: what the memory plan sizes for
     if counts["train_rows"] == 0:
         raise SynthPertError(
             f"no training example left from {sft}: every row was held out or lost all assistant tokens "
             f"to truncation (max_seq_len={tc.max_seq_len}, data.validation_fraction={validation[0]})"
         )
-    return train, validation, counts
+    return train, val, counts
 
 
 def chat_rendering(counts: dict[str, int]) -> str:
