@@ -225,7 +225,7 @@ class FakeAPI:
         return web.json_response(stats)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in ("fake-teacher", "fake-judge")]})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 2**20, middlewares=[self._auth])

@@ -87,7 +87,7 @@ def test_wrong_key_is_a_401_before_any_call(tmp_path):
         absent = run_cli("pipeline", "--config", str(LOCAL), *args, "--set=generate.judge.model=absent", "--check",
                          cwd=tmp_path, env=_env(FAKE_API_KEY="right-key"), timeout=60)
         assert absent.returncode == 2
-        assert f"generate.judge: {api.base_url} does not list model 'absent' (it has: fake-teacher)" in absent.stderr
+        assert f"generate.judge: {api.base_url} does not list model 'absent' (it has: fake-teacher, fake-judge)" in absent.stderr
         assert api.paths["/v1/chat/completions"] == 0
 
 
