@@ -26,7 +26,8 @@ def test_a_bad_adapter_folder_fails_in_one_line_before_anything_starts(tmp_path)
 @pytest.mark.timeout(1200)
 def test_predict_writes_predictions_and_a_rerun_resumes_from_the_cache(tmp_path):
     args = ["predict", "--config", "configs/local.yaml", "--output", str(tmp_path), "--limit", "2", "--json",
-            "--set", "data.cell_lines=[k562]", "--set", "generate.teacher.max_tokens=16", "--set", "evaluate.direction=derived"]
+            "--set", "data.cell_lines=[k562]", "--set", "generate.teacher.max_tokens=16", "--set", "evaluate.direction=derived",
+            "--set", "serve.engine=transformers"]  # the portable engine: the README's run predicts on the default
 
     def predict() -> tuple[dict, pd.DataFrame, str]:
         proc = run_cli(*args, timeout=600)
