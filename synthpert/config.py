@@ -294,9 +294,16 @@ class EvaluateConfig(Section):
 
 
 class TrackingConfig(Section):
+    # null: $MLFLOW_TRACKING_URI, MLflow's own variable (cluster.yaml's head sets it to its server's
+    # private address, which every node reaches), else the default
     tracking_uri: str = "sqlite:///mlruns.db"
     experiment: str = "synthpert"
     enabled: bool = True
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _from_environment(cls, value: str | None) -> str:
+        return value if value is not None else os.environ.get("MLFLOW_TRACKING_URI") or cls.model_fields["tracking_uri"].default
 
 
 class Config(Section):

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from synthpert.config import Config, EndpointConfig, TrainConfig
+from synthpert.config import Config, EndpointConfig, TrackingConfig, TrainConfig
 from synthpert.errors import SynthPertError
 from synthpert.models import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_cached, embedded_gguf, model_name
 
@@ -80,6 +80,7 @@ def run(cfg: Config) -> Report:
         checks += [base, *(training_template(cfg.train, tokenizer) if base.ok else []), *train_resources(cfg, cluster)]
         if cfg.train.storage_path and "://" not in cfg.train.storage_path:
             checks.append(writable("train.storage_path", Path(cfg.train.storage_path)))
+        checks += tracking_reach(cfg.tracking, cluster)
     if training and ours and model_name(cfg.train.base_model) != model_name(cfg.serve.model):  # as the endpoint compares an adapter's
         checks.append(Check("serve.model", False, f"the adapters are trained on train.base_model ({cfg.train.base_model or 'embedded'}) "
                                                   f"but would be served on {cfg.serve.model or 'embedded'}"))
@@ -360,6 +361,43 @@ def autoscaler() -> Autoscaler | None:
 
 
 Cluster = tuple[dict[str, float], str, "Autoscaler | None"]
+
+
+def tracking_reach(t: TrackingConfig, cluster: Cluster) -> list[Check]:
+    """Training's rank 0 logs every step to the tracking store from whichever node it lands on: a
+    server named by a loopback address, or a sqlite/file store, is this machine's alone. Fails where
+    training may run on another machine: a node of the connected cluster at another address, or a
+    worker type the autoscaler can launch (a job is submitted while none is up)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    url = urlsplit(t.tracking_uri)
+    if url.scheme in ("http", "https"):
+        try:
+            mine = url.hostname == "localhost" or ipaddress.ip_address(url.hostname or "").is_loopback
+        except ValueError:  # a host name: resolved where it is used
+            mine = False
+        what = "this machine's loopback"
+    else:
+        mine, what = url.scheme in ("", "sqlite", "file"), "a file on this machine"
+    if not t.enabled or not mine:
+        return []
+    elsewhere = [*_other_node_addresses(), *(f"the {name} nodes the autoscaler can launch" for name in (cluster[2].workers if cluster[2] else {}))]
+    if not elsewhere:
+        return []
+    return [Check("tracking.tracking_uri", False, f"{t.tracking_uri} is {what}, out of reach of training workers on {', '.join(elsewhere)}: "
+                  "name a tracking server by an address they reach (cluster.yaml's head sets MLFLOW_TRACKING_URI to its own, "
+                  "which tracking.tracking_uri: null reads)")]
+
+
+def _other_node_addresses() -> list[str]:
+    """Addresses of the connected cluster's live nodes other than this one's (none when not connected)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    here = ray.util.get_node_ip_address()
+    return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]} - {here})
 
 
 def cluster_resources() -> Cluster:

@@ -122,7 +122,8 @@ def _stand_ins(tmp_path, secret: str | None) -> dict[str, str]:
     answer = 'echo "An error occurred (AccessDeniedException) when calling the GetSecretValue operation" >&2; exit 254' if secret is None \
         else f"printf '%s\\n' {secret!r}"
     (bin_dir / "aws").write_text(f"#!/usr/bin/env bash\n{answer}\n")
-    (bin_dir / "ray").write_text('#!/usr/bin/env bash\necho "ray $1 OPENAI_API_KEY=${OPENAI_API_KEY-unset}" >> "$HOME/ray.log"\n')
+    (bin_dir / "ray").write_text('#!/usr/bin/env bash\necho "ray $1 OPENAI_API_KEY=${OPENAI_API_KEY-unset} '
+                                 'MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI-unset}" >> "$HOME/ray.log"\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     return {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
@@ -151,7 +152,12 @@ def test_a_secret_a_node_cannot_read_stops_its_start_command(tmp_path, secret):
         assert "mlflow/start.sh:" not in proc.stderr, proc.stderr
     log = tmp_path / "home" / "ray.log"
     started = log.read_text().splitlines() if log.exists() else []
-    assert started == (["ray start OPENAI_API_KEY=sk-test-value"] * 2 if secret == "sk-test-value" else [])
+    # the head's jobs log to its MLflow server by the head's own (here: this box's) first address, never loopback
+    head_uri = f"http://{subprocess.run(['hostname', '-I'], capture_output=True, text=True).stdout.split()[0]}:5000"
+    assert not head_uri.startswith("http://127.")
+    expected = [f"ray start OPENAI_API_KEY=sk-test-value MLFLOW_TRACKING_URI={head_uri}",
+                "ray start OPENAI_API_KEY=sk-test-value MLFLOW_TRACKING_URI=unset"]
+    assert started == (expected if secret == "sk-test-value" else [])
 
 
 def test_mlflow_start_fails_loudly_without_its_env_file_or_a_server(tmp_path):

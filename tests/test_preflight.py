@@ -178,6 +178,37 @@ def test_a_cluster_of_its_head_alone_passes_with_the_gpu_workers_it_can_launch(t
 
 
 @pytest.mark.unit
+def test_training_on_other_machines_needs_a_tracking_server_they_reach(tmp_path, monkeypatch):
+    """Rank 0 logs each step from the node it lands on: a loopback server or a sqlite file is the
+    driver's machine's alone. Refused at submit on cluster.yaml's head (the GPU nodes are only
+    launchable then) and on a cluster with a node at another address; the head's private address,
+    which cluster.yaml exports as MLFLOW_TRACKING_URI for `tracking_uri: null`, passes."""
+    _head_of_cluster_yaml(tmp_path, monkeypatch)
+    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.5", "Alive": True}])
+
+    def reach(uri: str | None) -> list[preflight.Check]:
+        return preflight.tracking_reach(load_config(PAPER, [f"tracking.tracking_uri={uri or 'null'}"]).tracking, preflight.cluster_resources())
+
+    (refused,) = reach("http://127.0.0.1:5000")  # the old configs/paper.yaml
+    assert not refused.ok and refused.subject == "tracking.tracking_uri"
+    assert refused.detail.startswith("http://127.0.0.1:5000 is this machine's loopback, out of reach of training workers on "
+                                     "the gpu_worker nodes the autoscaler can launch: name a tracking server")
+    assert not reach("http://localhost:5000")[0].ok and not reach("sqlite:///mlruns.db")[0].ok
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.1.5:5000")
+    assert reach(None) == [] and load_config(PAPER).tracking.tracking_uri == "http://10.0.1.5:5000"
+    assert reach("https://mlflow.example.com") == []  # a host name: resolved where it is used
+
+    monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")  # no autoscaler: the nodes that are up
+    assert reach("http://127.0.0.1:5000") == []  # every node on this machine (one box's simulated cluster)
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": a, "Alive": alive} for a, alive in
+                                              (("10.0.1.5", True), ("10.0.1.9", True), ("10.0.1.7", False))])
+    assert "out of reach of training workers on 10.0.1.9:" in reach("http://127.0.0.1:5000")[0].detail
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert load_config(PAPER).tracking.tracking_uri == "sqlite:///mlruns.db"  # null without the variable: the default
+
+
+@pytest.mark.unit
 def test_unattended_refusal_names_the_budgets_that_let_a_paid_job_run(monkeypatch):
     """A Ray job has nobody to answer "Go ahead?": its refusal says --yes, with a hard budget for
     each paid stage not capped yet, as README's documented job command carries them."""
