@@ -74,7 +74,8 @@ def run(cfg: Config) -> Report:
     tokenizer = functools.cache(_tokenizer)  # the served model is usually the base model
     if ours:
         served = model_path("serve.model", cfg.serve.model)
-        checks += [served, *(scoring_template(cfg.serve.model, tokenizer) if served.ok else []), *serve_resources(cfg, cluster)]
+        checks += [served, *(scoring_template(cfg.serve.model, tokenizer) if served.ok else []), *serve_resources(cfg, cluster),
+                   *serve_reach(cfg, cluster)]
     if training:
         base = model_path("train.base_model", cfg.train.base_model)
         checks += [base, *(training_template(cfg.train, tokenizer) if base.ok else []), *train_resources(cfg, cluster)]
@@ -365,39 +366,53 @@ Cluster = tuple[dict[str, float], str, "Autoscaler | None"]
 
 def tracking_reach(t: TrackingConfig, cluster: Cluster) -> list[Check]:
     """Training's rank 0 logs every step to the tracking store from whichever node it lands on: a
-    server named by a loopback address, or a sqlite/file store, is this machine's alone. Fails where
-    training may run on another machine: a node of the connected cluster at another address, or a
-    worker type the autoscaler can launch (a job is submitted while none is up)."""
-    import ipaddress
+    server named by a loopback address, or a sqlite/file store, is this machine's alone."""
     from urllib.parse import urlsplit
 
     url = urlsplit(t.tracking_uri)
     if url.scheme in ("http", "https"):
-        try:
-            mine = url.hostname == "localhost" or ipaddress.ip_address(url.hostname or "").is_loopback
-        except ValueError:  # a host name: resolved where it is used
-            mine = False
-        what = "this machine's loopback"
+        mine, what = _loopback(url.hostname or ""), "this machine's loopback"
     else:
         mine, what = url.scheme in ("", "sqlite", "file"), "a file on this machine"
-    if not t.enabled or not mine:
-        return []
-    elsewhere = [*_other_node_addresses(), *(f"the {name} nodes the autoscaler can launch" for name in (cluster[2].workers if cluster[2] else {}))]
+    elsewhere = _elsewhere(cluster) if t.enabled and mine else ""
     if not elsewhere:
         return []
-    return [Check("tracking.tracking_uri", False, f"{t.tracking_uri} is {what}, out of reach of training workers on {', '.join(elsewhere)}: "
+    return [Check("tracking.tracking_uri", False, f"{t.tracking_uri} is {what}, out of reach of training workers on {elsewhere}: "
                   "name a tracking server by an address they reach (cluster.yaml's head sets MLFLOW_TRACKING_URI to its own, "
                   "which tracking.tracking_uri: null reads)")]
 
 
-def _other_node_addresses() -> list[str]:
-    """Addresses of the connected cluster's live nodes other than this one's (none when not connected)."""
+def serve_reach(cfg: Config, cluster: Cluster) -> list[Check]:
+    """The Ray Data actors that call our endpoint run on any node, and Serve's one proxy listens on
+    the head at serve.host: a loopback host is out of their reach from every other machine."""
+    elsewhere = _elsewhere(cluster) if _loopback(cfg.serve.host) else ""
+    if not elsewhere:
+        return []
+    return [Check("serve.host", False, f"{cfg.serve.host} is this machine's loopback, out of reach of the actors calling our "
+                  f"endpoint from {elsewhere}: serve.host: 0.0.0.0 (the endpoint is then handed out at the head's address)")]
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: resolved where it is used
+        return False
+
+
+def _elsewhere(cluster: Cluster) -> str:
+    """The other machines a run's workers may land on: the connected cluster's live nodes at
+    another address than this one's, and the worker types its autoscaler can launch (a job is
+    submitted while none is up); "" when every node is on this machine."""
     import ray
 
-    if not ray.is_initialized():
-        return []
-    here = ray.util.get_node_ip_address()
-    return sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]} - {here})
+    nodes = []
+    if ray.is_initialized():
+        here = ray.util.get_node_ip_address()
+        nodes = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]} - {here})
+    launchable = [f"the {name} nodes the autoscaler can launch" for name in (cluster[2].workers if cluster[2] else {})]
+    return ", ".join([*nodes, *launchable])
 
 
 def cluster_resources() -> Cluster:

@@ -209,6 +209,27 @@ def test_training_on_other_machines_needs_a_tracking_server_they_reach(tmp_path,
 
 
 @pytest.mark.unit
+def test_actors_on_other_machines_need_an_endpoint_they_reach(tmp_path, monkeypatch):
+    """Ray Data's actors call our endpoint from any node, through Serve's one proxy on the head: a
+    loopback serve.host is refused where they may run on another machine; configs/paper.yaml's
+    0.0.0.0 (handed out at the head's address) passes."""
+    _head_of_cluster_yaml(tmp_path, monkeypatch)
+    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.5", "Alive": True}])
+
+    def reach(host: str) -> list[preflight.Check]:
+        return preflight.serve_reach(load_config(PAPER, [f"serve.host={host}"]), preflight.cluster_resources())
+
+    (refused,) = reach("127.0.0.1")
+    assert not refused.ok and refused.detail == (
+        "127.0.0.1 is this machine's loopback, out of reach of the actors calling our endpoint from the gpu_worker nodes "
+        "the autoscaler can launch: serve.host: 0.0.0.0 (the endpoint is then handed out at the head's address)")
+    assert reach("0.0.0.0") == [] and load_config(PAPER).serve.host == "0.0.0.0"
+    monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")
+    assert reach("127.0.0.1") == []  # every node on this machine
+
+
+@pytest.mark.unit
 def test_unattended_refusal_names_the_budgets_that_let_a_paid_job_run(monkeypatch):
     """A Ray job has nobody to answer "Go ahead?": its refusal says --yes, with a hard budget for
     each paid stage not capped yet, as README's documented job command carries them."""

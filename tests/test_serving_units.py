@@ -343,3 +343,21 @@ def test_vllm_lora_rank_fits_the_listed_adapters(tmp_path):
     assert max_lora_rank({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}) == 16
     assert max_lora_rank({"a": str(tmp_path / "a"), "c": "models:/synthpert-student@champion"}) == 64
 
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bound, handed_out", [("127.0.0.1", "127.0.0.1"), ("localhost", "127.0.0.1"), ("0.0.0.0", "10.0.1.5")])
+def test_the_endpoint_is_handed_out_where_its_callers_reach_it(monkeypatch, bound, handed_out):
+    """Serve's one proxy runs on the head: bound to every interface, its URL names the head's
+    address (the Ray Data actors calling it may run on other nodes), not 127.0.0.1."""
+    from types import SimpleNamespace
+
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from synthpert.serving import launch
+
+    client = SimpleNamespace(http_config=SimpleNamespace(host=bound, port=8000))
+    monkeypatch.setattr("ray.serve.context._get_global_client", lambda: client)
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.9", "Alive": True, "Resources": {"CPU": 4.0}},
+                                              {"NodeManagerAddress": "10.0.1.5", "Alive": True, "Resources": {HEAD_NODE_RESOURCE_NAME: 1.0}}])
+    assert launch._proxy_url() == f"http://{handed_out}:8000"

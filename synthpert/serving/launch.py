@@ -39,10 +39,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _proxy_url() -> str:
+    """The URL of Serve's one proxy (on the head): bound to every interface (0.0.0.0), it is handed
+    out at the head's address, which the callers on other nodes reach; on loopback, as 127.0.0.1."""
+    import ray
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
     from ray.serve.context import _get_global_client
 
     http = _get_global_client().http_config
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "127.0.0.1", "localhost") else http.host
+    if http.host in ("0.0.0.0", "::"):
+        host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"] and HEAD_NODE_RESOURCE_NAME in n["Resources"])
+    else:
+        host = "127.0.0.1" if http.host == "localhost" else http.host
     return f"http://{host}:{http.port}"
 
 
