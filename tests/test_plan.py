@@ -59,15 +59,15 @@ def test_a_read_field_changes_its_key_and_every_key_downstream():
 
 
 def test_every_predictor_reasons_up_to_evaluate_max_tokens():
-    """Not the teacher's trace length (unset: the teacher's); our models reason in the open, the
-    remote teacher keeps its hidden reasoning's room."""
-    assert _differ("evaluate.max_tokens=32") == STAGES[3:]
+    """Not the teacher's trace length, which configs/local.yaml keeps by leaving it unset; our models
+    reason in the open, the remote teacher keeps its hidden reasoning's room."""
+    assert _differ("evaluate.max_tokens=64") == STAGES[3:]
     cfg = load_config(LOCAL, [*REMOTE, "evaluate.max_tokens=64", "generate.teacher.reasoning_tokens=256"])
     models = models_to_evaluate(cfg, dict.fromkeys(MODES))
     assert set(models) == {"student-cot", "student-raw", "base", "teacher"}
     assert {spec.endpoint.max_tokens for spec in models.values()} == {64}
     assert [name for name, spec in models.items() if spec.endpoint.reasoning_tokens] == ["teacher"]
-    assert models_to_evaluate(load_config(LOCAL, ["evaluate.max_tokens=null"]), dict.fromkeys(MODES))["base"].endpoint.max_tokens == 128  # the teacher's
+    assert models_to_evaluate(load_config(LOCAL), dict.fromkeys(MODES))["base"].endpoint.max_tokens == 128  # the teacher's
 
 
 def test_a_field_a_stage_does_not_read_leaves_its_key():
