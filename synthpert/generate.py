@@ -32,7 +32,7 @@ from synthpert.data.tuples import sample_tuples
 from synthpert.errors import SynthPertError
 from synthpert.judge import JudgeActor, counts, grade_choice, grade_histogram, use_guided_judge
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
-from synthpert.llm.cache import CallCache
+from synthpert.llm.cache import CallCache, cache_owner
 from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
 from synthpert.llm.endpoint import api_key, endpoint_identity
 from synthpert.llm.prefill import CONTINUE, GUIDED_LABELS, continue_with
@@ -123,18 +123,19 @@ def _stream(cfg: Config, prompt_set: prompts.PromptSet, tuples: pd.DataFrame, ur
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cache_path = g.cache_path or Path(g.output_dir) / "calls.sqlite"
     CallCache.start_budget(cache_path, g.max_cost_usd)
+    cache = cache_owner(cache_path)  # teacher and judge actors, on any node, share it
     # One block per batch, cut here: no repartition step (and its task workers) in the pipeline.
     blocks = [tuples.iloc[i : i + g.batch_size] for i in range(0, len(tuples), g.batch_size)]
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, TeacherActor, g.teacher, g.actors, g.batch_size, len(blocks),
-        base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), identity=endpoint_identity(g.teacher, cfg), cache_path=cache_path, guided=use_guided_teacher(g),
+        base_url=urls["teacher"], api_key=api_key(g.teacher, cfg), identity=endpoint_identity(g.teacher, cfg), cache=cache, guided=use_guided_teacher(g),
         max_cost_usd=g.max_cost_usd,
         prompt_set=prompt_set,
     )
     ds = map_with_actors(
         ds, JudgeActor, g.judge, g.actors, g.batch_size, len(blocks),
-        base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache_path=cache_path,
+        base_url=urls["judge"], api_key=api_key(g.judge, cfg), identity=endpoint_identity(g.judge, cfg), cache=cache,
         max_cost_usd=g.max_cost_usd,
         keep=g.keep, require_answer_match=g.require_answer_match, guided=use_guided_judge(g), choice=grade_choice(g), prompt_set=prompt_set,
         structured=g.judge_structured,

@@ -31,7 +31,7 @@ from synthpert.artifacts import write_manifest, write_table
 from synthpert.config import LABELS, Config, EndpointConfig
 from synthpert.errors import SynthPertError
 from synthpert.llm.actor import LLMActor, map_with_actors, report_batch
-from synthpert.llm.cache import CallCache
+from synthpert.llm.cache import CallCache, cache_owner
 from synthpert.llm.client import BUDGET_REFUSED, CallResult, budget_stop
 from synthpert.llm.endpoint import endpoint_identity
 from synthpert.llm.prefill import CONTINUE, continue_with
@@ -160,7 +160,7 @@ def predict(cfg: Config, tuples: pd.DataFrame, endpoint: EndpointConfig, base_ur
     ds = ray.data.from_pandas(blocks)
     ds = map_with_actors(
         ds, PredictActor, endpoint, cfg.generate.actors, size, len(blocks),
-        base_url=base_url, api_key=api_key, identity=endpoint_identity(endpoint, cfg), cache_path=output / "calls.sqlite", mode=mode, score=score,
+        base_url=base_url, api_key=api_key, identity=endpoint_identity(endpoint, cfg), cache=cache_owner(output / "calls.sqlite"), mode=mode, score=score,
         direction=cfg.evaluate.direction, max_cost_usd=budget,
     )
     console.total(len(tuples))

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from pydantic import SecretStr
 
 from synthpert.config import EndpointConfig
-from synthpert.llm.cache import CallCache
 from synthpert.llm.client import CallResult, LLMClient
 
 # An I/O-bound actor needs almost no CPU; more would starve Ray Data's own tasks on small nodes.
@@ -45,14 +43,15 @@ class LLMActor:
     def output_fields(cls) -> list[tuple[str, pa.DataType]]:
         return [*cls.fields, *((f"{cls.prefix}_{name}", kind) for name, kind in USAGE_FIELDS)]
 
-    def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: SecretStr | None, share: float, cache_path: Path,
+    def __init__(self, endpoint: EndpointConfig, base_url: str, api_key: SecretStr | None, share: float, cache: Any,
                  identity: Any = None, max_cost_usd: float | None = None):
+        """`cache`: the stage's call cache owner (llm.cache.cache_owner), on the driver's node."""
         self.client = LLMClient(
             endpoint,
             base_url,
             api_key.get_secret_value() if api_key is not None else None,
             share=share,
-            cache=CallCache(cache_path),
+            cache=cache,
             identity=identity,
             max_cost_usd=max_cost_usd,
         )

@@ -6,10 +6,13 @@ synchronous=NORMAL only a power cut can drop the last commits). Many processes (
 write the same file: sqlite serialises the writers, `INSERT OR IGNORE` makes a duplicate write
 harmless, and the busy timeout makes a writer wait instead of failing.
 
-The same file holds the run's cost budget counter (`reserve` / `settle`): every actor of every
-stage already opens this file, so a one-row table shared through sqlite's write lock needs no
-extra process (a Ray actor would be one more thing to start, name and lose on a crash), and
-`BEGIN IMMEDIATE` makes check-and-reserve atomic across processes.
+The same file holds the run's cost budget counter (`reserve` / `settle`): a one-row table shared
+through sqlite's write lock, where `BEGIN IMMEDIATE` makes check-and-reserve atomic.
+
+WAL shares its index through memory of one machine, so a file on a cluster's shared file system
+cannot be written from several hosts: a stage's calling actors, which Ray Data places on any
+node, reach the file through one owner actor on the driver's node (`cache_owner`), and await it
+(`AwaitedCache`).
 """
 
 from __future__ import annotations
@@ -122,3 +125,26 @@ class CallCache:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def cache_owner(path: str | Path):
+    """The actor that holds CallCache(path) for a stage's calling actors, on this (the driver's)
+    node, with no CPU (it fits a 0-CPU head); one call at a time, as the file's one writer."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(CallCache).options(num_cpus=0, scheduling_strategy=here).remote(str(path))
+
+
+class AwaitedCache:
+    """A CallCache in this process, or the handle of its owner actor (`cache_owner`), behind one
+    awaitable call: what LLMClient's event loop uses, wherever the file is."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    async def __call__(self, method: str, *args: Any) -> Any:
+        if isinstance(self.cache, CallCache):
+            return getattr(self.cache, method)(*args)
+        return await getattr(self.cache, method).remote(*args)

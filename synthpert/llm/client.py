@@ -34,7 +34,7 @@ from openai.types.chat import ChatCompletion
 
 from synthpert.config import EndpointConfig
 from synthpert.errors import SynthPertError
-from synthpert.llm.cache import CallCache, cache_key
+from synthpert.llm.cache import AwaitedCache, cache_key
 
 CHARS_PER_TOKEN = 4
 MAX_ERROR_CHARS = 400
@@ -115,7 +115,7 @@ class LLMClient:
         base_url: str,
         api_key: str | None = None,
         share: float = 1.0,
-        cache: CallCache | None = None,
+        cache: Any = None,  # a CallCache, or its owner actor's handle (llm.cache.cache_owner)
         identity: Any = None,
         max_cost_usd: float | None = None,
     ):
@@ -125,7 +125,7 @@ class LLMClient:
         # endpoint's address changes from run to run; what it serves is its identity)
         self.identity = base_url if identity is None else identity
         self.concurrency = max(1, int(endpoint.max_concurrency * share + 1e-9))
-        self.cache = cache
+        self.cache = AwaitedCache(cache) if cache is not None else None
         self.max_cost_usd = max_cost_usd
         if max_cost_usd is not None and cache is None:
             raise ValueError("a budget needs the call cache: it holds the run's shared cost counter")
@@ -188,7 +188,7 @@ class LLMClient:
     async def complete(self, messages: list[dict], scope: dict, extra_body: dict | None = None) -> CallResult:
         """One chat completion, from the cache when it was made before; errors come back on the result."""
         key = self.key(messages, scope, extra_body)
-        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+        if self.cache is not None and (hit := await self.cache("get", key)) is not None:
             return CallResult(**{f: hit[f] for f in _RECORDED if f in hit}, cached=True)
         client = self._openai()
         prompt_estimate = prompt_tokens_estimate(messages)
@@ -196,15 +196,15 @@ class LLMClient:
             if self._tpm is not None:
                 await self._tpm.acquire(min(prompt_estimate + self.endpoint.completion_limit(), self._tpm.max_rate))
             reserved = price(self.endpoint, prompt_estimate, self.endpoint.completion_limit())
-            if self.max_cost_usd is not None and not self.cache.reserve(reserved, self.max_cost_usd):
+            if self.max_cost_usd is not None and not await self.cache("reserve", reserved, self.max_cost_usd):
                 return CallResult(error=BUDGET_REFUSED, refused=True)
             result = await self._send(client, messages, extra_body)
             if self.max_cost_usd is not None:
-                self.cache.settle(result.cost_usd - reserved)
+                await self.cache("settle", result.cost_usd - reserved)
         if self.cache is not None and result.error is None:
             request = {"model": self.endpoint.model, "messages": messages, "extra_body": extra_body}
             record = {f: getattr(result, f) for f in _RECORDED} | {"request": request}
-            self.cache.put(key, self.endpoint.model, record)
+            await self.cache("put", key, self.endpoint.model, record)
         return result
 
     async def _send(self, client: openai.AsyncOpenAI, messages: list[dict], extra_body: dict | None) -> CallResult:
