@@ -309,6 +309,38 @@ def test_zero3_over_two_nodes_resumes_after_losing_one(cluster, tmp_path, embedd
     assert_adapter_matches_memory(tmp_path / "run", embedded_model)
 
 
+def test_one_call_cache_serves_callers_on_every_node(cluster, tmp_path):
+    """A stage's call cache is one SQLite file, whose WAL cannot be shared across machines: one owner
+    actor on the driver's node (no CPU: the 0-CPU head) holds it, and callers on both worker nodes
+    write, read and reserve budget through it; check-and-reserve stays atomic across them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from synthpert.llm.cache import AwaitedCache, CallCache, cache_owner
+
+    workers = [node.node_id for node in _two_workers(cluster)]
+    path = tmp_path / "calls.sqlite"
+    CallCache.start_budget(path, 1.0)
+    owner = cache_owner(path)
+
+    @ray.remote(num_cpus=0.1)
+    def call(cache, name: str) -> list[bool]:
+        async def go() -> list[bool]:
+            awaited = AwaitedCache(cache)
+            await awaited("put", name, "m", {"node": ray.get_runtime_context().get_node_id()})
+            return [await awaited("reserve", 0.25, 1.0) for _ in range(8)]
+
+        return asyncio.run(go())
+
+    granted = ray.get([call.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(owner, f"key-{i}")
+                       for i, node in enumerate(workers)])
+    assert sum(map(sum, granted)) == 4  # 16 reservations of $0.25 asked for against $1.0: none granted twice
+    assert set(_actor_nodes("CallCache").values()) == {cluster.head_node.node_id}
+    del owner
+    cache = CallCache(path)
+    assert len(cache) == 2 and {cache.get(f"key-{i}")["node"] for i in range(2)} == set(workers)
+
+
 # ---------------------------------------------------------------- the paper's run as a Ray job over the nodes
 KEY = "sk-rehearsal-0123456789"  # the job's OPENAI_API_KEY: it must reach the provider and nothing else
 
@@ -322,7 +354,8 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
     head's job API and tracked on a real MLflow server: the driver runs on the 0-CPU head, teacher
     and judge are paid calls through the provider (no endpoint of ours for the traces), each
     training stage's two ranks land on two worker nodes, and the students are served on a worker
-    node. The provider's key travels in the job's environment and reaches nothing but the provider.
+    node. The provider's key and the tracking server's URI travel in the job's environment, as on
+    cluster.yaml's head; the key reaches nothing but the provider.
     The README's own run, on the default engine, and its re-run that skips every stage are
     tests/test_first_contact.py's."""
     import ray
@@ -342,21 +375,22 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
         sets = [
             f"run_dir={run_dir}", *(f"{stage}.output_dir={run_dir / stage}" for stage in ("generate", "train", "evaluate")),
             "data.cell_lines=[k562]", "data.fraction=null", "data.limit=24",
-            "data.knowledge.neighbours=1", "data.knowledge.max_go_terms=2",  # shorter prompts for the 135M model on CPUs
             *(f"generate.{role}.{key}" for role in ("teacher", "judge")
               for key in (f"base_url={api.base_url}", f"model=fake-{role}")),
             "train.base_model=null", "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=1",
             "train.max_steps=1", "train.warmup_ratio=0", "train.max_seq_len=1024", "train.placement_strategy=SPREAD",
             "serve.engine=transformers", "serve.model=null", "serve.use_gpu=false", "serve.max_replicas=1",
+            "serve.host=127.0.0.1",  # loopback only in tests: every node is on this machine (the pre-flight checks so)
             "serve.max_model_len=2048", "serve.torch_threads=2",  # the replica computes alone while the students answer
             "evaluate.limit=4", "evaluate.max_tokens=16", "evaluate.bootstrap=20", "evaluate.baselines=[retrieval]",
-            f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=paper-rehearsal",
+            "tracking.experiment=paper-rehearsal",
         ]  # fmt: skip
         args = ["--config", "configs/paper.yaml", "--json", "--yes", "--set", "generate.max_cost_usd=5",
                 "--set", "evaluate.max_cost_usd=5", *(a for s in sets for a in ("--set", s))]
         client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
         env = ray_job_env()
-        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY}
+        # as cluster.yaml's head gives every job: the key, and the MLflow server paper.yaml's `tracking_uri: null` reads
+        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_server}
         started = time.monotonic()
         # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
         job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=env)
