@@ -126,7 +126,8 @@ def _stand_ins(tmp_path, secret: str | None) -> dict[str, str]:
                                  'MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI-unset}" >> "$HOME/ray.log"\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    return {**os.environ, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # mlflow.set_tracking_uri exports it
+    return {**inherited, "HOME": str(home), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.mark.parametrize("secret", [None, "", "None", "sk-test-value"], ids=["denied", "empty", "no-string", "set"])
