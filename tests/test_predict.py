@@ -8,6 +8,7 @@ import pytest
 from synthpert import prompts
 from synthpert.config import LABELS, EndpointConfig
 from synthpert.evaluate import answer_counts, check_predictions
+from synthpert.llm.cache import CallCache
 from synthpert.predict import PROBS, PredictActor
 from tests.conftest import free_port
 from tests.fake_api import FakeAPI, Faults, content_key
@@ -31,7 +32,7 @@ def test_a_failed_direction_question_keeps_the_row_and_its_de_scores(tmp_path):
             await actor.client.aclose()
 
     with FakeAPI(free_port(), faults) as api:
-        actor = PredictActor(endpoint=endpoint, base_url=api.base_url, api_key=None, share=1.0, cache_path=tmp_path / "calls.sqlite",
+        actor = PredictActor(endpoint=endpoint, base_url=api.base_url, api_key=None, share=1.0, cache=CallCache(tmp_path / "calls.sqlite"),
                              mode="cot", score=False, direction="separate")
         out = asyncio.run(ask(actor))
         assert api.requests[direction] and api.answered[student] == 1

@@ -205,6 +205,7 @@ def test_structured_judge_grades_through_json_schema(endpoint, tmp_path):
     from synthpert import prompts
     from synthpert.config import GRADES, load_config
     from synthpert.judge import JudgeActor
+    from synthpert.llm.cache import CallCache
 
     g = load_config(None, ["generate.judge_structured=true", "generate.judge.max_tokens=256"]).generate
     row = {"tuple_id": "t1", "cell_line": "k562", "pert": "TP53", "gene": "MDM2", "label": "downregulated",
@@ -213,7 +214,7 @@ def test_structured_judge_grades_through_json_schema(endpoint, tmp_path):
 
     async def judged():
         actor = JudgeActor(list(GRADES), True, prompts.PromptSet.from_config(g), structured=True, endpoint=g.judge,
-                           base_url=endpoint, api_key=SecretStr(KEY), share=1.0, cache_path=tmp_path / "calls.sqlite")
+                           base_url=endpoint, api_key=SecretStr(KEY), share=1.0, cache=CallCache(tmp_path / "calls.sqlite"))
         try:
             return await actor.process(row)
         finally:
