@@ -374,6 +374,8 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
     with FakeAPI(free_port(), api_key=KEY) as api:
         sets = [
             f"run_dir={run_dir}", *(f"{stage}.output_dir={run_dir / stage}" for stage in ("generate", "train", "evaluate")),
+            # the fake judge draws each grade from a hash of its prompt: with these prompts enough of the 24
+            # traces pass the paper's filter (excellent, answer = label) for two ranks; new wording redraws them
             "data.cell_lines=[k562]", "data.fraction=null", "data.limit=24",
             *(f"generate.{role}.{key}" for role in ("teacher", "judge")
               for key in (f"base_url={api.base_url}", f"model=fake-{role}")),
