@@ -2,9 +2,10 @@
 
 One sqlite file in WAL mode, one row per call, committed the moment the call returns. A
 `kill -9` can only lose calls still in flight (a committed WAL frame survives the process; with
-synchronous=NORMAL only a power cut can drop the last commits). Many processes (Ray actors)
-write the same file: sqlite serialises the writers, `INSERT OR IGNORE` makes a duplicate write
-harmless, and the busy timeout makes a writer wait instead of failing.
+synchronous=NORMAL only a power cut can drop the last commits). Several processes of one
+machine may open the same file (a stage's owner actor, the driver reading it back, a resumed
+run): sqlite serialises the writers, `INSERT OR IGNORE` makes a duplicate write harmless, and the
+busy timeout makes a writer wait instead of failing.
 
 The same file holds the run's cost budget counter (`reserve` / `settle`): a one-row table shared
 through sqlite's write lock, where `BEGIN IMMEDIATE` makes check-and-reserve atomic.
