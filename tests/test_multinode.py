@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pandas as pd
 import pytest
@@ -197,13 +198,24 @@ def test_serve_replicas_on_two_nodes_and_a_node_loss_fails_only_its_requests_wit
         assert ingress == {head} == {ray.get_runtime_context().get_node_id()}, f"ingress on {ingress}, head {head}"
         victim = workers[next(iter(engines.values()))]
         survivor = (set(workers) - {victim.node_id}).pop()
-        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=180)
+        # a request Serve had not yet placed on the lost replica goes to the survivor (its router retries
+        # the reservation), behind that replica's own two batches: 600 s lets it finish on a loaded box
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+
+        async def admitted(n: int) -> None:
+            async with httpx.AsyncClient() as http:
+                for _ in range(120):  # bounded: 60 s
+                    if f"synthpert_queue_depth {float(n)}" in (await http.get(f"{url.removesuffix('/v1')}/metrics")).text:
+                        return
+                    await asyncio.sleep(0.5)
+            raise AssertionError(f"{n} requests not admitted within 60 s")
 
         async def load() -> tuple[list, list]:
             # 256 tokens each (the prompt runs past them), two batches a replica: they outlast the wait on
             # any CPU (one with native bfloat16 had finished 32-token answers within it)
             during = [asyncio.create_task(_ask(client, i, max_tokens=256)) for i in range(16)]
-            await asyncio.sleep(3.0)  # every request admitted, the first batches decoding on both replicas
+            await admitted(16)
+            await asyncio.sleep(3.0)  # placed on the replicas, the first batches decoding on both
             await asyncio.to_thread(cluster.remove_node, victim)
             first = await asyncio.gather(*during)
             return first, await asyncio.gather(*(_ask(client, 100 + i) for i in range(4)))
