@@ -70,7 +70,7 @@ def run(cfg: Config) -> Report:
     probe = functools.cache(_listed_models)  # teacher and judge often share one endpoint and key
     checks = [writable("run_dir", cfg.run_dir)]
     checks += [endpoint(subject, e, probe) for subject, e in remote.items() if e.base_url is not None]
-    cluster = cluster_resources() if training or ours else ({}, "", None)
+    cluster = cluster_resources() if training or ours else Cluster({}, "")
     tokenizer = functools.cache(_tokenizer)  # the served model is usually the base model
     if ours:
         served = model_path("serve.model", cfg.serve.model)
@@ -304,7 +304,7 @@ def _resources(section: str, need: dict[str, float], per: dict[str, str], cluste
     private cluster is started with at least the CPUs asked for, so only its GPUs can be short.
     A cluster short now passes when its autoscaler can launch the rest: Ray Train and Serve wait
     for those nodes, and when a job is submitted to a `ray up` cluster only its head is up."""
-    have, where, scale = cluster
+    have, where, scale = cluster.have, cluster.where, cluster.autoscaler
     checks = []
     for resource, count in need.items():
         if not count or resource not in have:
@@ -361,7 +361,17 @@ def autoscaler() -> Autoscaler | None:
     return Autoscaler(types[head].get("resources", {}), workers, config.get("max_workers", 0)) if workers else None
 
 
-Cluster = tuple[dict[str, float], str, "Autoscaler | None"]
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """What a run would use: its resources (`have`), a description of it (`where`), what its
+    autoscaler may add, and its live nodes' addresses (`nodes`, `here` the driver's), read once
+    while connected: the checks run after the pre-flight has left the cluster."""
+
+    have: dict[str, float]
+    where: str
+    autoscaler: Autoscaler | None = None
+    nodes: frozenset[str] = frozenset()
+    here: str = ""
 
 
 def tracking_reach(t: TrackingConfig, cluster: Cluster) -> list[Check]:
@@ -371,7 +381,7 @@ def tracking_reach(t: TrackingConfig, cluster: Cluster) -> list[Check]:
 
     url = urlsplit(t.tracking_uri)
     if url.scheme in ("http", "https"):
-        mine, what = _loopback(url.hostname or ""), "this machine's loopback"
+        mine, what = _loopback(url.hostname or "", cluster), "this machine's loopback"
     else:
         mine, what = url.scheme in ("", "sqlite", "file"), "a file on this machine"
     elsewhere = _elsewhere(cluster) if t.enabled and mine else ""
@@ -385,34 +395,30 @@ def tracking_reach(t: TrackingConfig, cluster: Cluster) -> list[Check]:
 def serve_reach(cfg: Config, cluster: Cluster) -> list[Check]:
     """The Ray Data actors that call our endpoint run on any node, and Serve's one proxy listens on
     the head at serve.host: a loopback host is out of their reach from every other machine."""
-    elsewhere = _elsewhere(cluster) if _loopback(cfg.serve.host) else ""
+    elsewhere = _elsewhere(cluster) if _loopback(cfg.serve.host, cluster) else ""
     if not elsewhere:
         return []
     return [Check("serve.host", False, f"{cfg.serve.host} is this machine's loopback, out of reach of the actors calling our "
                   f"endpoint from {elsewhere}: serve.host: 0.0.0.0 (the endpoint is then handed out at the head's address)")]
 
 
-def _loopback(host: str) -> bool:
+def _loopback(host: str, cluster: Cluster) -> bool:
+    """A loopback address other than a Ray node's own: the nodes reach each other at theirs (the
+    simulated nodes of one box sit at 127.0.0.x addresses, a real cluster's never on loopback)."""
     import ipaddress
 
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or (ipaddress.ip_address(host).is_loopback and host not in cluster.nodes)
     except ValueError:  # a host name: resolved where it is used
         return False
 
 
 def _elsewhere(cluster: Cluster) -> str:
-    """The other machines a run's workers may land on: the connected cluster's live nodes at
-    another address than this one's, and the worker types its autoscaler can launch (a job is
-    submitted while none is up); "" when every node is on this machine."""
-    import ray
-
-    nodes = []
-    if ray.is_initialized():
-        here = ray.util.get_node_ip_address()
-        nodes = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]} - {here})
-    launchable = [f"the {name} nodes the autoscaler can launch" for name in (cluster[2].workers if cluster[2] else {})]
-    return ", ".join([*nodes, *launchable])
+    """The other machines a run's workers may land on: the cluster's live nodes at another address
+    than the driver's, and the worker types its autoscaler can launch (a job is submitted while
+    none is up); "" when every node is on this machine."""
+    launchable = [f"the {name} nodes the autoscaler can launch" for name in (cluster.autoscaler.workers if cluster.autoscaler else {})]
+    return ", ".join([*sorted(cluster.nodes - {cluster.here}), *launchable])
 
 
 def cluster_resources() -> Cluster:
@@ -423,13 +429,17 @@ def cluster_resources() -> Cluster:
 
     from synthpert.cluster import ray_address
 
+    def connected(where: str) -> Cluster:
+        nodes = frozenset(node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"])
+        return Cluster({"CPU": 0.0, "GPU": 0.0, **ray.cluster_resources()}, where, autoscaler(), nodes, ray.util.get_node_ip_address())
+
     if ray.is_initialized():
-        return {"CPU": 0.0, "GPU": 0.0, **ray.cluster_resources()}, "the connected Ray cluster", autoscaler()
+        return connected("the connected Ray cluster")
     address = ray_address()
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         try:
-            return {"CPU": 0.0, "GPU": 0.0, **ray.cluster_resources()}, f"the Ray cluster at {address}", autoscaler()
+            return connected(f"the Ray cluster at {address}")
         finally:
             ray.shutdown()
     # what Ray itself would detect when starting a private cluster here (CUDA_VISIBLE_DEVICES, else NVML)
@@ -437,7 +447,7 @@ def cluster_resources() -> Cluster:
 
     gpus = get_accelerator_manager_for_resource("GPU")
     visible = gpus.get_current_process_visible_accelerator_ids()
-    return {"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node", None
+    return Cluster({"GPU": float(len(visible) if visible is not None else gpus.get_current_node_num_accelerators())}, "this node")
 
 
 CHECKPOINT_BYTES_PER_PARAM = 4 + 4 + 8 + 4  # a LoRA weight in fp32, its master copy, AdamW's two moments, the adapter file

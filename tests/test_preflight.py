@@ -114,14 +114,14 @@ def test_a_cluster_with_cpus_for_the_replica_only_is_refused(tmp_path, monkeypat
     """On a running cluster, our endpoint's replica and the Ray Data stage calling it run at once:
     a vLLM replica (its engine asks one more CPU) on 2 CPUs would leave the stage's tasks waiting
     forever, so the pre-flight says so; 3 CPUs, or the transformers engine's 1, fit."""
-    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 2.0, "GPU": 0.0}, "the Ray cluster at 127.0.0.1:6379", None))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: preflight.Cluster({"CPU": 2.0, "GPU": 0.0}, "the Ray cluster at 127.0.0.1:6379"))
     subject = lambda cfg: {c.subject: c for c in preflight.run(cfg).checks}["serve.cpus"]  # noqa: E731
     vllm = load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=vllm"])
     check = subject(vllm)
     assert not check.ok and check.detail == (
         "3 CPUs needed (1 replica(s) x 2 on vllm + 1 for the Ray Data stage calling them), the Ray cluster at 127.0.0.1:6379 has 2")
     assert subject(load_config(LOCAL, [f"run_dir={tmp_path}", "serve.engine=transformers"])).ok
-    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"CPU": 3.0}, "the Ray cluster at 127.0.0.1:6379", None))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: preflight.Cluster({"CPU": 3.0}, "the Ray cluster at 127.0.0.1:6379"))
     assert subject(vllm).ok
 
 
@@ -145,6 +145,8 @@ def _head_of_cluster_yaml(tmp_path, monkeypatch, **worker) -> None:
     monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", bootstrap)
     monkeypatch.setattr("ray.is_initialized", lambda: True)
     monkeypatch.setattr("ray.cluster_resources", lambda: {"CPU": 16.0, "memory": 4.6e10, "object_store_memory": 2e10})
+    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.5", "Alive": True}])
 
 
 @pytest.mark.unit
@@ -184,8 +186,6 @@ def test_training_on_other_machines_needs_a_tracking_server_they_reach(tmp_path,
     launchable then) and on a cluster with a node at another address; the head's private address,
     which cluster.yaml exports as MLFLOW_TRACKING_URI for `tracking_uri: null`, passes."""
     _head_of_cluster_yaml(tmp_path, monkeypatch)
-    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
-    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.5", "Alive": True}])
 
     def reach(uri: str | None) -> list[preflight.Check]:
         return preflight.tracking_reach(load_config(PAPER, [f"tracking.tracking_uri={uri or 'null'}"]).tracking, preflight.cluster_resources())
@@ -204,6 +204,11 @@ def test_training_on_other_machines_needs_a_tracking_server_they_reach(tmp_path,
     monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": a, "Alive": alive} for a, alive in
                                               (("10.0.1.5", True), ("10.0.1.9", True), ("10.0.1.7", False))])
     assert "out of reach of training workers on 10.0.1.9:" in reach("http://127.0.0.1:5000")[0].detail
+    # one box's simulated nodes at 127.0.0.x: the head's own address is every node's way to it, 127.0.0.1 no node's
+    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "127.0.0.2")
+    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": a, "Alive": True} for a in ("127.0.0.2", "127.0.0.3")])
+    assert reach("http://127.0.0.2:5000") == []
+    assert "out of reach of training workers on 127.0.0.3:" in reach("http://127.0.0.1:5000")[0].detail
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert load_config(PAPER).tracking.tracking_uri == "sqlite:///mlruns.db"  # null without the variable: the default
 
@@ -214,8 +219,6 @@ def test_actors_on_other_machines_need_an_endpoint_they_reach(tmp_path, monkeypa
     loopback serve.host is refused where they may run on another machine; configs/paper.yaml's
     0.0.0.0 (handed out at the head's address) passes."""
     _head_of_cluster_yaml(tmp_path, monkeypatch)
-    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
-    monkeypatch.setattr("ray.nodes", lambda: [{"NodeManagerAddress": "10.0.1.5", "Alive": True}])
 
     def reach(host: str) -> list[preflight.Check]:
         return preflight.serve_reach(load_config(PAPER, [f"serve.host={host}"]), preflight.cluster_resources())
@@ -428,7 +431,7 @@ def test_paper_check_prints_usd_and_gpu_hours_for_its_subset_and_the_whole_set(t
     and small samples keep it quick, and its whole set is every validation and test pair of k562."""
     monkeypatch.setenv("OPENAI_API_KEY", "stub")
     monkeypatch.setattr(preflight, "_listed_models", lambda url, key: (["o4-mini"], None))
-    monkeypatch.setattr(preflight, "cluster_resources", lambda: ({"GPU": 4.0, "CPU": 48.0}, "the stubbed cluster", None))
+    monkeypatch.setattr(preflight, "cluster_resources", lambda: preflight.Cluster({"GPU": 4.0, "CPU": 48.0}, "the stubbed cluster"))
     cfg = load_config(PAPER, [f"run_dir={tmp_path}", "train.base_model=null", "serve.model=null", "data.cell_lines=[k562]",
                               "data.limit=40", "evaluate.limit=30", "data.knowledge.enabled=false"])
     report = preflight.run(cfg)
