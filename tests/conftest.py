@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def embedded_model():
 
 
 def free_port() -> int:
-    """A free loopback TCP port (tests never bind anything but 127.0.0.1)."""
+    """A free loopback TCP port (tests bind nothing but loopback: 127.0.0.1, and 127.0.0.x for a simulated node)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -98,23 +99,32 @@ def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2).status_code == 200
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (started by mlflow/server.sh) on loopback with a sqlite store and an
-    artifact root under tmp; yields its http URI."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def mlflow_service(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A real `mlflow server` (started by mlflow/server.sh) at `host` (a loopback address) with a
+    sqlite store and an artifact root under `root`; yields its http URI."""
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         **os.environ,
         "PYTHON": sys.executable,
-        "MLFLOW_HOST": "127.0.0.1",
+        "MLFLOW_HOST": host,
         "MLFLOW_PORT": str(port),
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root}/mlflow.db",
         "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
+        # MLflow answers 403 to a Host header outside localhost, 127.0.0.1 and the private ranges (a
+        # cluster head's address is in them); a simulated node's 127.0.0.x is not
+        "MLFLOW_SERVER_ALLOWED_HOSTS": f"{host},{host}:*",
     }
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     cmd = ["bash", str(REPO / "mlflow" / "server.sh")]
     with background_service(cmd, env, root / "server.log", lambda: _http_ok(f"{uri}/health"), "mlflow server"):
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    with mlflow_service(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
 
 

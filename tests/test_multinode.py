@@ -42,7 +42,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
 STORE = 100 * 2**20  # each node's object store: our blocks are a few KiB
 WORKERS = 2
-_WORKER_IDS = itertools.count(1)  # names the worker nodes' runtime_env folders
+# each node at an address of its own, as machines are: what only 127.0.0.1 reaches is one node's alone
+HEAD_IP = "127.0.0.2"  # not 127.0.0.1, which ray.init rewrites to the machine's routable address
+_WORKER_IDS = itertools.count(1)  # names the worker nodes' addresses (127.0.0.3, ...) and runtime_env folders
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    head = {"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    head = {"num_cpus": 0, "object_store_memory": STORE, "node_ip_address": HEAD_IP, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port()}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(WORKERS):
@@ -69,11 +71,13 @@ def cluster():
 
 
 def _add_worker(cluster, num_cpus: float = 1):
-    """One more worker node (1 CPU unless said), with runtime_env files of its own. The nodes of one box share a
+    """One more worker node (1 CPU unless said) at an address of its own, with runtime_env files of its own. The nodes of one box share a
     session folder, and a node's runtime_env agent deletes a working_dir it no longer uses from the
     shared `runtime_resources/`, under the feet of a job's driver on the head (whose cwd it is):
     on a real cluster each machine has its own."""
-    return cluster.add_node(num_cpus=num_cpus, object_store_memory=STORE, runtime_env_dir_name=f"runtime_resources_{next(_WORKER_IDS)}")
+    n = next(_WORKER_IDS)
+    return cluster.add_node(num_cpus=num_cpus, object_store_memory=STORE, node_ip_address=f"127.0.0.{2 + n}",
+                            runtime_env_dir_name=f"runtime_resources_{n}")
 
 
 def _two_workers(cluster) -> list:
@@ -360,30 +364,42 @@ KEY = "sk-rehearsal-0123456789"  # the job's OPENAI_API_KEY: it must reach the p
 @pytest.mark.serve
 @pytest.mark.train
 @pytest.mark.timeout(1200)
-def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_path, mlflow_server):
+def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_path):
     """`ray job submit` of configs/paper.yaml, shrunk in size only (one line, a few tuples, one
     training step, the embedded model on CPUs, a loopback provider standing in for o4-mini), to the
-    head's job API and tracked on a real MLflow server: the driver runs on the 0-CPU head, teacher
-    and judge are paid calls through the provider (no endpoint of ours for the traces), each
-    training stage's two ranks land on two worker nodes, and the students are served on a worker
-    node. The provider's key and the tracking server's URI travel in the job's environment, as on
-    cluster.yaml's head; the key reaches nothing but the provider.
-    The README's own run, on the default engine, and its re-run that skips every stage are
+    head's job API, as on cluster.yaml's cluster at submit: the head alone, its autoscaler able to
+    launch the workers (~/ray_bootstrap_config.yaml, as `ray up` leaves it; the test adds them once the
+    pre-flight has passed, as that autoscaler would). The driver runs on the 0-CPU head, teacher and
+    judge are paid calls through the provider (no endpoint of ours for the traces), each training
+    stage's two ranks land on two worker nodes, and the students are served on a worker node behind
+    a proxy at the head's address. The provider's key and the tracking server's URI (MLflow at the
+    head's address) travel in the job's environment, as on cluster.yaml's head; the key reaches
+    nothing but the provider. The loopback server and endpoint the paper config had are refused at
+    submit. The README's own run, on the default engine, and its re-run that skips every stage are
     tests/test_first_contact.py's."""
     import ray
+    import yaml
     from mlflow import MlflowClient
+    from ray.autoscaler._private.util import prepare_config
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from synthpert import tracking
     from synthpert.config import load_config
-    from tests.conftest import ray_job_env, wait_job
+    from tests.conftest import mlflow_service, ray_job_env, wait_job
     from tests.test_pipeline import STAGES
 
-    workers = {node.node_id for node in _two_workers(cluster)}
-    head = cluster.head_node.node_id
+    for node in list(cluster.worker_nodes):  # at submit cluster.yaml's cluster is its head
+        cluster.remove_node(node)
+    home = tmp_path / "home"  # the job's HOME: where `ray up` leaves the autoscaler's config on the head
+    home.mkdir()
+    config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    config["max_workers"] = WORKERS
+    config["available_node_types"][config["head_node_type"]]["resources"] = {"CPU": 0}
+    config["available_node_types"]["gpu_worker"].update(resources={"CPU": 1}, max_workers=WORKERS)  # CPUs for GPUs here
+    (home / "ray_bootstrap_config.yaml").write_text(json.dumps(config))
     before = {name: set(_actors(name)) for name in (":Engine", "RayTrainWorker")}
     run_dir = tmp_path / "run"
-    with FakeAPI(free_port(), api_key=KEY) as api:
+    with FakeAPI(free_port(), api_key=KEY) as api, mlflow_service(tmp_path / "mlflow", HEAD_IP) as mlflow_uri:
         sets = [
             f"run_dir={run_dir}", *(f"{stage}.output_dir={run_dir / stage}" for stage in ("generate", "train", "evaluate")),
             # the fake judge draws each grade from a hash of its prompt: with these prompts enough of the 24
@@ -394,56 +410,68 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
             "train.base_model=null", "train.use_gpu=false", "train.num_workers=2", "train.cpus_per_worker=1",
             "train.max_steps=1", "train.warmup_ratio=0", "train.max_seq_len=1024", "train.placement_strategy=SPREAD",
             "serve.engine=transformers", "serve.model=null", "serve.use_gpu=false", "serve.max_replicas=1",
-            "serve.host=127.0.0.1",  # loopback only in tests: every node is on this machine (the pre-flight checks so)
             "serve.max_model_len=2048", "serve.torch_threads=2",  # the replica computes alone while the students answer
             "evaluate.limit=4", "evaluate.max_tokens=16", "evaluate.bootstrap=20", "evaluate.baselines=[retrieval]",
             "tracking.experiment=paper-rehearsal",
         ]  # fmt: skip
-        args = ["--config", "configs/paper.yaml", "--json", "--yes", "--set", "generate.max_cost_usd=5",
-                "--set", "evaluate.max_cost_usd=5", *(a for s in sets for a in ("--set", s))]
         client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
         env = ray_job_env()
         # as cluster.yaml's head gives every job: the key, and the MLflow server paper.yaml's `tracking_uri: null` reads
-        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_server}
+        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_uri, "HOME": str(home)}
+
+        def submit(*extra: str) -> str:
+            args = ["--config", "configs/paper.yaml", "--json", "--yes", "--set", "generate.max_cost_usd=5",
+                    "--set", "evaluate.max_cost_usd=5", *(a for s in [*sets, *extra] for a in ("--set", s))]
+            # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
+            return client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=env)
+
+        # the paper config's old values: MLflow and the endpoint on the head's loopback, out of the workers' reach
+        status, logs = wait_job(client, submit(f"tracking.tracking_uri=http://127.0.0.1:{free_port()}", "serve.host=127.0.0.1"), timeout=180)
+        assert status == JobStatus.FAILED and "pre-flight: 2 problem(s)" in logs, logs[-3000:]
+        assert "tracking.tracking_uri: http://127.0.0.1:" in logs and "serve.host: 127.0.0.1 is this machine's loopback" in logs
+        assert "the gpu_worker nodes the autoscaler can launch" in logs and not run_dir.exists()
+
         started = time.monotonic()
-        # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
-        job = client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=env)
+        job = submit(f"serve.host={HEAD_IP}")  # the head's address (0.0.0.0 in paper.yaml: tests bind loopback only)
+        _wait("the pre-flight passing with no worker up", lambda: run_dir.exists() or client.get_job_status(job).is_terminal(), 180, 0.5)
+        workers = {node.node_id for node in _two_workers(cluster)}  # what the autoscaler launches for the pending tasks
+        head = cluster.head_node.node_id
         status, logs = wait_job(client, job, timeout=1000)
         elapsed = time.monotonic() - started
         assert status == JobStatus.SUCCEEDED, logs[-5000:]
         assert api.authorization == {f"Bearer {KEY}"} and api.answered_total() > 0
-    result = json.loads(logs.strip().splitlines()[-1])
-    # the predict stages end in any order; the teacher (a model of the API) is scored too
-    assert sorted(result["ran"]) == sorted([*STAGES, "predict-teacher"]) and result["skipped"] == [], result
-    assert client.get_job_info(job).driver_node_id == head == ray.get_runtime_context().get_node_id()
+        result = json.loads(logs.strip().splitlines()[-1])
+        # the predict stages end in any order; the teacher (a model of the API) is scored too
+        assert sorted(result["ran"]) == sorted([*STAGES, "predict-teacher"]) and result["skipped"] == [], result
+        assert client.get_job_info(job).driver_node_id == head == ray.get_runtime_context().get_node_id()
 
-    report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
-    for model in ("student-cot", "student-raw", "base", "teacher", "trivial", "retrieval"):
-        assert f"| {model} |" in report
-    assert set(result["validation_scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
-    assert "engine `transformers`" in report
+        report = (run_dir / result["report"].split(str(run_dir) + "/", 1)[1]).read_text()
+        for model in ("student-cot", "student-raw", "base", "teacher", "trivial", "retrieval"):
+            assert f"| {model} |" in report
+        assert set(result["validation_scores"]) >= {"student-cot", "student-raw", "base", "trivial"}
+        assert "engine `transformers`" in report
 
-    trained = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("train-*/stage.json")}
-    assert len(trained) == 2, sorted(trained)
-    for stage, record in trained.items():  # SPREAD: the two ranks on two different worker nodes
-        nodes = record["worker_nodes"]
-        assert len(nodes) == 2 and len(set(nodes)) == 2 and set(nodes) <= workers, (stage, nodes, workers)
-    engines = {a: n for a, n in _actors(":Engine").items() if a not in before[":Engine"]}
-    ranks = {a: n for a, n in _actors("RayTrainWorker").items() if a not in before["RayTrainWorker"]}
-    assert len(engines) == 1 and set(engines.values()) <= workers, f"engine replicas on {engines}"  # the predictions' only
-    assert len(ranks) == 4 and set(ranks.values()) <= workers and len(set(ranks.values())) >= 2, f"training workers on {ranks}"
+        trained = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("train-*/stage.json")}
+        assert len(trained) == 2, sorted(trained)
+        for stage, record in trained.items():  # SPREAD: the two ranks on two different worker nodes
+            nodes = record["worker_nodes"]
+            assert len(nodes) == 2 and len(set(nodes)) == 2 and set(nodes) <= workers, (stage, nodes, workers)
+        engines = {a: n for a, n in _actors(":Engine").items() if a not in before[":Engine"]}
+        ranks = {a: n for a, n in _actors("RayTrainWorker").items() if a not in before["RayTrainWorker"]}
+        assert len(engines) == 1 and set(engines.values()) <= workers, f"engine replicas on {engines}"  # the predictions' only
+        assert len(ranks) == 4 and set(ranks.values()) <= workers and len(set(ranks.values())) >= 2, f"training workers on {ranks}"
 
-    tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_server}", "tracking.experiment=paper-rehearsal"]).tracking)
-    mlflow_client = MlflowClient()
-    parent = mlflow_client.get_run(result["mlflow_parent_run_id"])
-    children = mlflow_client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {"generate", "train"} <= {r.data.tags["synthpert.stage"] for r in children}
-    champion = mlflow_client.get_model_version_by_alias("synthpert-student", "champion")
-    assert str(champion.version) == str(result["registered"]["version"])
-    assert "report/report.md" in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")]
-    for run in (parent, *children):  # the key is in no parameter, tag or metric name
-        assert KEY not in json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
-    assert KEY not in logs
-    leaked = [p for p in run_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
-    assert leaked == [], leaked
+        tracking.setup(load_config(None, [f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment=paper-rehearsal"]).tracking)
+        mlflow_client = MlflowClient()
+        parent = mlflow_client.get_run(result["mlflow_parent_run_id"])
+        children = mlflow_client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {"generate", "train"} <= {r.data.tags["synthpert.stage"] for r in children}
+        champion = mlflow_client.get_model_version_by_alias("synthpert-student", "champion")
+        assert str(champion.version) == str(result["registered"]["version"])
+        assert "report/report.md" in [a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "report")]
+        for run in (parent, *children):  # the key is in no parameter, tag or metric name
+            assert KEY not in json.dumps([run.data.params, run.data.tags, list(run.data.metrics)])
+        assert KEY not in logs
+        leaked = [p for p in run_dir.rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+        assert leaked == [], leaked
     print(f"paper config as a job over {len(workers)} worker nodes in {elapsed:.0f} s")
