@@ -99,8 +99,10 @@ def test_test_labels_cannot_move_the_champion(tmp_path, monkeypatch):
     import synthpert.baselines as baselines
     import synthpert.data as data
 
+    # a fixed and a learned baseline (the kernel's bandwidth by grouped CV); that every learned one reads no
+    # test label, the ranker and twoside too, is tests/test_baselines.py's
     cfg = load_config(None, [f"run_dir={tmp_path}/a", "data.cell_lines=[k562]", "evaluate.limit=30", "evaluate.bootstrap=0",
-                             f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
+                             "evaluate.baselines=[retrieval,kernel]", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db"])
     truth = data.load_split(cfg.data)
     assert (truth["split"] == "validation").any()
     predictions = {"student-cot": _fake_predictions(cfg, tmp_path / "p", truth, "student-cot", 1.5)}
