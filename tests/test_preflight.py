@@ -214,6 +214,32 @@ def test_training_on_other_machines_needs_a_tracking_server_they_reach(tmp_path,
 
 
 @pytest.mark.unit
+def test_a_jobs_preflight_sees_the_nodes_after_leaving_the_cluster(tmp_path, monkeypatch):
+    """In a Ray job (RAY_ADDRESS set, Ray not initialized) the pre-flight connects, reads the
+    cluster and disconnects before its checks run: the nodes at other addresses are what it read
+    while connected (the checks used to ask Ray again, found it shut down, and saw no node)."""
+    import ray
+
+    connected = []
+    monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.1.5:6379")
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(connected))
+    monkeypatch.setattr(ray, "init", lambda **_: connected.append(True))
+    monkeypatch.setattr(ray, "shutdown", connected.clear)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0} if connected else pytest.fail("read while not connected"))
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeManagerAddress": a, "Alive": True} for a in ("10.0.1.5", "10.0.1.9")]
+                        if connected else pytest.fail("read while not connected"))
+    monkeypatch.setattr("ray.util.get_node_ip_address", lambda: "10.0.1.5")
+    cluster = preflight.cluster_resources()
+    assert not connected and cluster.where == "the Ray cluster at 10.0.1.5:6379"
+    cfg = load_config(PAPER, ["tracking.tracking_uri=http://127.0.0.1:5000", "serve.host=127.0.0.1"])
+    (tracking,) = preflight.tracking_reach(cfg.tracking, cluster)
+    (serve,) = preflight.serve_reach(cfg, cluster)
+    assert not tracking.ok and "out of reach of training workers on 10.0.1.9:" in tracking.detail
+    assert not serve.ok and "out of reach of the actors calling our endpoint from 10.0.1.9:" in serve.detail
+
+
+@pytest.mark.unit
 def test_actors_on_other_machines_need_an_endpoint_they_reach(tmp_path, monkeypatch):
     """Ray Data's actors call our endpoint from any node, through Serve's one proxy on the head: a
     loopback serve.host is refused where they may run on another machine; configs/paper.yaml's
