@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -374,8 +375,8 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
     stage's two ranks land on two worker nodes, and the students are served on a worker node behind
     a proxy at the head's address. The provider's key and the tracking server's URI (MLflow at the
     head's address) travel in the job's environment, as on cluster.yaml's head; the key reaches
-    nothing but the provider. The loopback server and endpoint the paper config had are refused at
-    submit. The README's own run, on the default engine, and its re-run that skips every stage are
+    nothing but the provider. Refused at submit: the head alone with no autoscaler config (nothing
+    could train), and the loopback server and endpoint the paper config had. The README's own run, on the default engine, and its re-run that skips every stage are
     tests/test_first_contact.py's."""
     import ray
     import yaml
@@ -419,12 +420,18 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
         # as cluster.yaml's head gives every job: the key, and the MLflow server paper.yaml's `tracking_uri: null` reads
         env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_uri, "HOME": str(home)}
 
-        def submit(*extra: str) -> str:
+        def submit(*extra: str, runtime_env: dict = env) -> str:
             args = ["--config", "configs/paper.yaml", "--json", "--yes", "--set", "generate.max_cost_usd=5",
                     "--set", "evaluate.max_cost_usd=5", *(a for s in [*sets, *extra] for a in ("--set", s))]
             # the venv's interpreter: the nodes' PATH is this process's, where `python` may be another one
-            return client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}", runtime_env=env)
+            return client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} ray_jobs/pipeline.py {shlex.join(args)}",
+                                     runtime_env=runtime_env)
 
+        # the head alone and no autoscaler config: no worker can come, so nothing could train or serve
+        alone = {**env, "env_vars": {k: v for k, v in env["env_vars"].items() if k != "HOME"}}
+        status, logs = wait_job(client, submit(f"serve.host={HEAD_IP}", runtime_env=alone), timeout=180)
+        assert status == JobStatus.FAILED and re.search(r"train\.cpus: 2 CPUs needed \(.*\), the .* has 0$", logs, re.M), logs[-3000:]
+        assert "can launch" not in logs and not run_dir.exists(), logs[-3000:]
         # the paper config's old values: MLflow and the endpoint on the head's loopback, out of the workers' reach
         status, logs = wait_job(client, submit(f"tracking.tracking_uri=http://127.0.0.1:{free_port()}", "serve.host=127.0.0.1"), timeout=180)
         assert status == JobStatus.FAILED and "pre-flight: 2 problem(s)" in logs, logs[-3000:]
