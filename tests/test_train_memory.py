@@ -5,6 +5,7 @@ failed worker becomes one line; real 2-worker runs on rows of ~1024 tokens."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from synthpert.train.collate import IGNORE, collate
 from synthpert.train.loss import causal_lm_loss
 from synthpert.train.memory import MIB, estimate_peak, model_shape, plan_memory, worker_budget
 from synthpert.train.model import load_lora_model
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 from tests.test_train import write_traces
 
 LONG = 170  # reasoning repeats: chats of ~1080 tokens, rows cut to max_seq_len 1024 (the default)
@@ -32,6 +33,64 @@ def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def _zero3_rank(rank: int, port: int, model: str, labelled: int, out) -> None:
+    """One of two gloo ranks: the product's ZeRO-3 engine, one step and one validation loss on a row
+    with `labelled` label positions, in chunks of 2 (a spawned process: module level)."""
+    import datetime
+    import os
+    from dataclasses import asdict
+
+    import torch.distributed as dist
+
+    from synthpert.train.trainer import build_engine
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    cfg = TrainConfig(zero_stage=3, batch_size=1, lora_r=4, lora_dropout=0, warmup_ratio=0)
+    plan = {"base_model": model, "dtype": "float32", "shape": asdict(model_shape(model, cfg)), "total_steps": 1}
+    engine, _ = build_engine(cfg, plan, 2, torch.device("cpu"))
+    ids = torch.randint(3, 4096, (1, 24), generator=torch.Generator().manual_seed(rank))
+    labels = ids.clone()
+    labels[0, : 24 - labelled] = IGNORE
+    loss = causal_lm_loss(engine, ids, labels, chunk=2)
+    engine.backward(loss)
+    engine.step()
+    with torch.no_grad():
+        val = causal_lm_loss(engine, ids, labels, chunk=2)
+    out.put((rank, float(loss), float(val)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.train
+def test_zero3_ranks_with_different_label_counts_run_the_same_collectives(tmp_path):
+    """Under ZeRO-3 each call of the head gathers its partitioned weight (here 4096 x 32, over
+    DeepSpeed's persistence threshold, as any real model's head): ranks whose rows hold 3 and 15
+    labelled positions (2 and 8 chunks) both finish a step and a validation loss. Before, the first
+    rank's fewer gathers left the other waiting and gloo aborted the step (the paper config's
+    ZeRO-3 on traces of different lengths)."""
+    import multiprocessing
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    spawn = multiprocessing.get_context("spawn")
+    out, port = spawn.Queue(), free_port()
+    ranks = [spawn.Process(target=_zero3_rank, args=(rank, port, str(tmp_path / "model"), labelled, out))
+             for rank, labelled in ((0, 3), (1, 15))]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join(timeout=240)  # bounded: the imports, a step, and gloo's 60 s timeout on a mismatch
+    hung = [proc.pid for proc in ranks if proc.is_alive()]
+    for proc in ranks:
+        proc.kill()
+    assert not hung and [proc.exitcode for proc in ranks] == [0, 0], f"exit codes {[p.exitcode for p in ranks]}, hung {hung}"
+    results = sorted(out.get(timeout=5) for _ in ranks)
+    assert [rank for rank, *_ in results] == [0, 1] and all(math.isfinite(v) and v > 0 for _, *vs in results for v in vs), results
 
 
 def lora_model(path, **settings):

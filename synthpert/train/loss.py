@@ -9,6 +9,11 @@ labelled positions, each under checkpointing, so backward recomputes one chunk's
 time. The head is called as a module: under ZeRO-3 its hooks gather the (tied, partitioned)
 weight. Same value as transformers' ForCausalLMLoss: the mean over label tokens.
 
+Under ZeRO-3 each call of the head gathers its partitioned weight, a collective every rank must
+join: a rank with fewer labelled positions than another would run fewer chunks and leave the other
+waiting (gloo aborts, NCCL hangs; rows of the same length, as in most tests, never show it). So
+every rank runs as many chunks as the rank with the most, the extra ones empty.
+
 The chunks use reentrant checkpointing: its backward reruns the head as an ordinary forward +
 backward, so ZeRO-3's module hooks gather the frozen head weight for it. Under the non-reentrant
 form DeepSpeed 0.19 releases that weight as soon as the recomputed head returns (the head is
@@ -18,6 +23,7 @@ have different metadata" (shape [0]).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any
 
@@ -36,6 +42,19 @@ def _chunk_loss(lm_head, hidden, targets):
 
     # logits in the model's dtype (bf16 on GPU), cross-entropy in fp32 as transformers does
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def chunks_on_every_rank(chunks: int, lm_head, device) -> int:
+    """The chunks this rank runs: its own, or under ZeRO-3 (a partitioned head: `ds_id`) in a
+    process group, the most any rank has (one all-reduce per loss)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (hasattr(lm_head.weight, "ds_id") and dist.is_available() and dist.is_initialized()):
+        return chunks
+    most = torch.tensor([chunks], dtype=torch.int64, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
 
 
 def causal_lm_loss(model, input_ids, labels, position_ids=None, chunk: int | None = None) -> Any:
@@ -62,7 +81,7 @@ def causal_lm_loss(model, input_ids, labels, position_ids=None, chunk: int | Non
     # without gradients (validation) nothing is kept for backward: no recomputation needed
     run = partial(checkpoint, _chunk_loss, use_reentrant=True) if torch.is_grad_enabled() else _chunk_loss
     total = hidden[:0].sum()  # zero, yet on the graph when no position is labelled
-    for start in range(0, len(targets), step):
-        part = slice(start, start + step)
+    for start in range(0, chunks_on_every_rank(math.ceil(len(targets) / step), lm_head, hidden.device) * step, step):
+        part = slice(start, start + step)  # past this rank's positions: empty, the head still called
         total = total + run(lm_head, hidden[part], targets[part])
     return total / max(len(targets), 1)
