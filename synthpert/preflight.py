@@ -319,6 +319,7 @@ def _resources(section: str, need: dict[str, float], per: dict[str, str], cluste
 
 
 AUTOSCALER_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where `ray up` leaves the cluster's config, on the head node
+AUTOSCALER_CONFIG_ENV = "SYNTHPERT_AUTOSCALER_CONFIG"  # another file in that format (another launcher's, a rehearsal's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,9 +349,9 @@ class Autoscaler:
 
 def autoscaler() -> Autoscaler | None:
     """The autoscaler of the cluster this node heads (AUTOSCALER_CONFIG, with each node type's
-    resources filled in from its instance type by `ray up`); None on any other node, or when it
-    may launch no worker."""
-    path = AUTOSCALER_CONFIG.expanduser()
+    resources filled in from its instance type by `ray up`, or the file AUTOSCALER_CONFIG_ENV
+    names); None on any other node, or when it may launch no worker."""
+    path = Path(os.environ.get(AUTOSCALER_CONFIG_ENV) or AUTOSCALER_CONFIG).expanduser()
     if not path.is_file():
         return None
     import yaml

@@ -369,7 +369,7 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
     """`ray job submit` of configs/paper.yaml, shrunk in size only (one line, a few tuples, one
     training step, the embedded model on CPUs, a loopback provider standing in for o4-mini), to the
     head's job API, as on cluster.yaml's cluster at submit: the head alone, its autoscaler able to
-    launch the workers (~/ray_bootstrap_config.yaml, as `ray up` leaves it; the test adds them once the
+    launch the workers (a ray_bootstrap_config.yaml as `ray up` leaves it; the test adds them once the
     pre-flight has passed, as that autoscaler would). The driver runs on the 0-CPU head, teacher and
     judge are paid calls through the provider (no endpoint of ours for the traces), each training
     stage's two ranks land on two worker nodes, and the students are served on a worker node behind
@@ -391,13 +391,14 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
 
     for node in list(cluster.worker_nodes):  # at submit cluster.yaml's cluster is its head
         cluster.remove_node(node)
-    home = tmp_path / "home"  # the job's HOME: where `ray up` leaves the autoscaler's config on the head
-    home.mkdir()
     config = prepare_config(yaml.safe_load((REPO / "cluster.yaml").read_text()))
     config["max_workers"] = WORKERS
     config["available_node_types"][config["head_node_type"]]["resources"] = {"CPU": 0}
     config["available_node_types"]["gpu_worker"].update(resources={"CPU": 1}, max_workers=WORKERS)  # CPUs for GPUs here
-    (home / "ray_bootstrap_config.yaml").write_text(json.dumps(config))
+    # as `ray up` leaves it in the head's HOME; named by SYNTHPERT_AUTOSCALER_CONFIG here: with another HOME,
+    # a worker of a cluster with token auth (on when ~/.ray/auth_token exists) cannot find its token
+    autoscaler = tmp_path / "ray_bootstrap_config.yaml"
+    autoscaler.write_text(json.dumps(config))
     before = {name: set(_actors(name)) for name in (":Engine", "RayTrainWorker")}
     run_dir = tmp_path / "run"
     with FakeAPI(free_port(), api_key=KEY) as api, mlflow_service(tmp_path / "mlflow", HEAD_IP) as mlflow_uri:
@@ -418,7 +419,8 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
         client = JobSubmissionClient(f"http://{cluster.head_node.address_info['webui_url']}")  # the head's dashboard, on loopback
         env = ray_job_env()
         # as cluster.yaml's head gives every job: the key, and the MLflow server paper.yaml's `tracking_uri: null` reads
-        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_uri, "HOME": str(home)}
+        env["env_vars"] = {**env.get("env_vars", {}), "OPENAI_API_KEY": KEY, "MLFLOW_TRACKING_URI": mlflow_uri,
+                          "SYNTHPERT_AUTOSCALER_CONFIG": str(autoscaler)}
 
         def submit(*extra: str, runtime_env: dict = env) -> str:
             args = ["--config", "configs/paper.yaml", "--json", "--yes", "--set", "generate.max_cost_usd=5",
@@ -428,7 +430,7 @@ def test_the_paper_config_shrunk_runs_as_a_ray_job_over_the_nodes(cluster, tmp_p
                                      runtime_env=runtime_env)
 
         # the head alone and no autoscaler config: no worker can come, so nothing could train or serve
-        alone = {**env, "env_vars": {k: v for k, v in env["env_vars"].items() if k != "HOME"}}
+        alone = {**env, "env_vars": {k: v for k, v in env["env_vars"].items() if k != "SYNTHPERT_AUTOSCALER_CONFIG"}}
         status, logs = wait_job(client, submit(f"serve.host={HEAD_IP}", runtime_env=alone), timeout=180)
         assert status == JobStatus.FAILED and re.search(r"train\.cpus: 2 CPUs needed \(.*\), the .* has 0$", logs, re.M), logs[-3000:]
         assert "can launch" not in logs and not run_dir.exists(), logs[-3000:]

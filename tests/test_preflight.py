@@ -177,6 +177,8 @@ def test_a_cluster_of_its_head_alone_passes_with_the_gpu_workers_it_can_launch(t
     monkeypatch.setattr(preflight, "AUTOSCALER_CONFIG", tmp_path / "absent.yaml")  # not a `ray up` head: what is up now
     alone = checks()
     assert not alone["train.gpus"].ok and alone["train.gpus"].detail.endswith("the connected Ray cluster has 0")
+    monkeypatch.setenv(preflight.AUTOSCALER_CONFIG_ENV, str(tmp_path / "ray_bootstrap_config.yaml"))  # that config, named
+    assert checks()["train.gpus"].detail.endswith("has 0 now and can launch 1 x {GPU: 2, CPU: 8} (gpu_worker, max_workers 1): 2 at most")
 
 
 @pytest.mark.unit
